@@ -1,0 +1,1 @@
+//! Wires config, store, SIP and HTTP together for `precall run`.

@@ -1,0 +1,32 @@
+//! precall: a SIP-side pre-call webhook sidecar for voice agents.
+//!
+//! External systems POST caller context to a webhook before the call arrives; precall sits
+//! in the SIP path in front of the agent, recognises the caller on the INVITE, holds call
+//! setup until that context lands or the agent's fallback wait runs out, and forwards the
+//! INVITE with the context attached as `X-Precall-*` headers.
+//!
+//! # Layout
+//! A sans-IO core (no sockets, no clocks: time is passed in) and a thin tokio shell.
+//!
+//! - [`config`]: TOML → validated [`config::Config`]; binds nothing.
+//! - [`number`]: phone numbers → E.164 (`phonenumber`), user parts of `sip:`/`sips:`/`tel:` URIs.
+//! - [`agent`]: which agent a call is for, who is calling (pure).
+//! - [`inject`]: context → `X-Precall-*` header lines, sanitised and bounded (pure).
+//! - [`sip::message`], [`sip::parse`]: zero-copy SIP parser over `bytes::Bytes`, byte-splicing editor.
+//! - [`sip::transaction`]: RFC 3261 §17 timers and transaction keys (pure).
+//! - [`sip::proxy`]: RFC 3261 §16 proxy core: hold, forward, CANCEL, Record-Route (sans-IO).
+//! - [`sip::transport`]: the IO shell: UDP/TCP sockets and timers driving the proxy core.
+//! - [`store`]: the `ContextStore` trait, the in-memory backend, and the wait registry.
+//! - [`webhook`]: the axum HTTP API (`/v1/precall`, health).
+//! - [`app`]: wires config, store, SIP and HTTP together for `precall run`.
+//! - [`cli`]: clap commands `run`, `check`, `curl`, `send`.
+
+pub mod agent;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod inject;
+pub mod number;
+pub mod sip;
+pub mod store;
+pub mod webhook;

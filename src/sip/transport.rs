@@ -1,0 +1,1 @@
+//! IO shell: UDP/TCP sockets and timers driving the proxy core.
