@@ -5,3 +5,4 @@ pub mod parse;
 pub mod proxy;
 pub mod transaction;
 pub mod transport;
+pub mod uri;

@@ -1,1 +1,426 @@
-//! IO shell: UDP/TCP sockets and timers driving the proxy core.
+//! The IO shell around [`Proxy`]: UDP sockets, TCP listeners and connections, the one
+//! timer, and the context look-ups. Everything SIP-shaped is decided in the core; this
+//! module only moves bytes and answers the core's requests.
+//!
+//! One task owns the core. Sockets and look-ups feed it through a channel; it drains
+//! [`Proxy::poll_output`] after every input and sleeps until [`Proxy::poll_timeout`].
+//! A held call costs a map entry in the core and one small task awaiting its watch here,
+//! so thousands can be held without blocking anything else.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket as StdUdpSocket};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use dashmap::DashMap;
+use futures_util::FutureExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::{ListenAddr, Transport};
+use crate::store::{Claim, Contexts};
+
+use super::parse::{self, ParseError};
+use super::proxy::{ConnId, HoldId, Listener, Output, Peer, Proxy, Settled, Transmit};
+
+/// A bound SIP socket, before the loop starts.
+pub enum BoundSocket {
+    Udp(Arc<UdpSocket>),
+    Tcp(TcpListener),
+}
+
+/// Binds every `sip.listen` entry; logs `listening for SIP/UDP on ADDR` per socket.
+///
+/// # Errors
+/// A socket could not be bound.
+pub async fn bind(listen: &[ListenAddr]) -> io::Result<Vec<(BoundSocket, SocketAddr)>> {
+    let mut out = Vec::with_capacity(listen.len());
+    for l in listen {
+        match l.transport {
+            Transport::Udp => {
+                let std = StdUdpSocket::bind(l.addr)?;
+                std.set_nonblocking(true)?;
+                let sock = UdpSocket::from_std(std)?;
+                let addr = sock.local_addr()?;
+                info!("listening for SIP/UDP on {addr}");
+                out.push((BoundSocket::Udp(Arc::new(sock)), addr));
+            }
+            Transport::Tcp => {
+                let sock = TcpListener::bind(l.addr).await?;
+                let addr = sock.local_addr()?;
+                info!("listening for SIP/TCP on {addr}");
+                out.push((BoundSocket::Tcp(sock), addr));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The address to advertise in Via/Record-Route for a socket bound to `bound`: itself,
+/// or for `0.0.0.0`/`::` the local address the kernel would use towards `towards`.
+pub fn advertised(bound: SocketAddr, towards: Option<SocketAddr>) -> SocketAddr {
+    if !bound.ip().is_unspecified() {
+        return bound;
+    }
+    let ip = towards
+        .and_then(|dst| {
+            let any: SocketAddr = if dst.is_ipv4() {
+                (Ipv4Addr::UNSPECIFIED, 0).into()
+            } else {
+                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            let s = StdUdpSocket::bind(any).ok()?;
+            s.connect(dst).ok()?;
+            s.local_addr().ok().map(|a| a.ip())
+        })
+        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    SocketAddr::new(ip, bound.port())
+}
+
+enum Event {
+    Datagram { listener: usize, from: SocketAddr, bytes: Bytes },
+    Stream { listener: usize, conn: ConnId, from: SocketAddr, bytes: Bytes },
+    Context { hold: HoldId, ctx: crate::store::Context, how: Settled },
+    LookupFailed { hold: HoldId, reason: String },
+}
+
+/// Open TCP connections: by id (for responses on the connection a request came in on)
+/// and by remote address (to reuse a connection for a new request).
+#[derive(Default)]
+struct Connections {
+    next: AtomicU64,
+    by_id: DashMap<ConnId, mpsc::UnboundedSender<Bytes>>,
+    by_addr: DashMap<SocketAddr, ConnId>,
+}
+
+/// Upper bound on bytes buffered for one TCP connection before it is dropped.
+const TCP_READ_CHUNK: usize = 16 * 1024;
+
+/// Runs the SIP side until `shutdown` is cancelled.
+pub async fn run(
+    mut proxy: Proxy,
+    sockets: Vec<(BoundSocket, SocketAddr)>,
+    listeners: Vec<Listener>,
+    contexts: Arc<Contexts>,
+    max_message_bytes: usize,
+    shutdown: CancellationToken,
+) {
+    let (tx, mut rx) = mpsc::channel::<Event>(65_536);
+    let conns = Arc::new(Connections::default());
+    let mut udp: HashMap<usize, Arc<UdpSocket>> = HashMap::new();
+    for (index, (sock, _)) in sockets.into_iter().enumerate() {
+        match sock {
+            BoundSocket::Udp(s) => {
+                udp.insert(index, Arc::clone(&s));
+                tokio::spawn(udp_reader(index, s, tx.clone(), shutdown.child_token()));
+            }
+            BoundSocket::Tcp(l) => {
+                tokio::spawn(tcp_acceptor(
+                    index,
+                    l,
+                    Arc::clone(&conns),
+                    tx.clone(),
+                    max_message_bytes,
+                    shutdown.child_token(),
+                ));
+            }
+        }
+    }
+    let tcp_listener = listeners.iter().position(|l| l.transport == Transport::Tcp);
+    let mut waiting: HashMap<HoldId, AbortHandle> = HashMap::new();
+    let sleep = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(sleep);
+    let mut immediate: VecDeque<Event> = VecDeque::new();
+    loop {
+        match proxy.poll_timeout() {
+            Some(at) => sleep.as_mut().reset(tokio::time::Instant::from_std(at)),
+            None => sleep
+                .as_mut()
+                .reset(tokio::time::Instant::now() + Duration::from_secs(3600)),
+        }
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            () = &mut sleep => {
+                proxy.handle_timeout(tokio::time::Instant::now().into_std());
+            }
+            ev = rx.recv() => {
+                let Some(ev) = ev else { break };
+                immediate.push_back(ev);
+            }
+        }
+        let mut batch = 0;
+        // Handle what arrived, then drain what the core wants done; look-ups answered
+        // synchronously (memory store hits) loop back through `immediate`.
+        loop {
+            while let Some(ev) = immediate.pop_front() {
+                let now = tokio::time::Instant::now().into_std();
+                match ev {
+                    Event::Datagram { listener, from, bytes } => {
+                        let peer = Peer { transport: Transport::Udp, addr: from, conn: None, listener };
+                        proxy.handle_datagram(now, peer, bytes);
+                    }
+                    Event::Stream { listener, conn, from, bytes } => {
+                        let peer = Peer { transport: Transport::Tcp, addr: from, conn: Some(conn), listener };
+                        proxy.handle_stream_message(now, peer, bytes);
+                    }
+                    Event::Context { hold, ctx, how } => {
+                        waiting.remove(&hold);
+                        proxy.handle_context(now, hold, ctx, how);
+                    }
+                    Event::LookupFailed { hold, reason } => {
+                        waiting.remove(&hold);
+                        proxy.handle_lookup_failed(now, hold, &reason);
+                    }
+                }
+                // Take what else is already queued without going back to select!, a
+                // bounded batch so timers are not starved under load.
+                batch += 1;
+                if immediate.is_empty() && batch < 64 {
+                    if let Ok(ev) = rx.try_recv() {
+                        immediate.push_back(ev);
+                    }
+                }
+            }
+            while let Some(out) = proxy.poll_output() {
+                match out {
+                    Output::Transmit(t) => transmit(&udp, &conns, tcp_listener, &tx, t, max_message_bytes),
+                    Output::Lookup { hold, key } => {
+                        let contexts2 = Arc::clone(&contexts);
+                        let claim = async move { contexts2.claim(&key).await };
+                        let mut claim = Box::pin(claim);
+                        match (&mut claim).now_or_never() {
+                            Some(Ok(Claim::Hit(ctx))) => {
+                                immediate.push_back(Event::Context { hold, ctx, how: Settled::Cached });
+                            }
+                            Some(Ok(Claim::Pending(watch))) => {
+                                let tx = tx.clone();
+                                let task = tokio::spawn(async move {
+                                    let ctx = watch.await;
+                                    let _ = tx.send(Event::Context { hold, ctx, how: Settled::Posted }).await;
+                                });
+                                waiting.insert(hold, task.abort_handle());
+                            }
+                            Some(Err(e)) => {
+                                immediate.push_back(Event::LookupFailed { hold, reason: e.to_string() });
+                            }
+                            None => {
+                                let tx = tx.clone();
+                                let task = tokio::spawn(async move {
+                                    let ev = match claim.await {
+                                        Ok(Claim::Hit(ctx)) => Event::Context { hold, ctx, how: Settled::Cached },
+                                        Ok(Claim::Pending(watch)) => {
+                                            let ctx = watch.await;
+                                            Event::Context { hold, ctx, how: Settled::Posted }
+                                        }
+                                        Err(e) => Event::LookupFailed { hold, reason: e.to_string() },
+                                    };
+                                    let _ = tx.send(ev).await;
+                                });
+                                waiting.insert(hold, task.abort_handle());
+                            }
+                        }
+                    }
+                    Output::CancelLookup { hold } => {
+                        if let Some(task) = waiting.remove(&hold) {
+                            task.abort();
+                        }
+                    }
+                    Output::Restore { key, ctx } => {
+                        let contexts = Arc::clone(&contexts);
+                        tokio::spawn(async move {
+                            if let Err(error) = contexts.restore(&key, ctx).await {
+                                warn!(%error, %key, "could not put back an unused context");
+                            }
+                        });
+                    }
+                }
+            }
+            if immediate.is_empty() {
+                break;
+            }
+        }
+    }
+    for (_, task) in waiting {
+        task.abort();
+    }
+}
+
+fn transmit(
+    udp: &HashMap<usize, Arc<UdpSocket>>,
+    conns: &Arc<Connections>,
+    tcp_listener: Option<usize>,
+    tx: &mpsc::Sender<Event>,
+    t: Transmit,
+    max_message_bytes: usize,
+) {
+    match t.transport {
+        Transport::Udp => {
+            let sock = udp.get(&t.listener).or_else(|| udp.values().next());
+            let Some(sock) = sock else {
+                warn!(to = %t.to, "no UDP socket to send from");
+                return;
+            };
+            match sock.try_send_to(&t.bytes, t.to) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let sock = Arc::clone(sock);
+                    tokio::spawn(async move {
+                        if let Err(error) = sock.send_to(&t.bytes, t.to).await {
+                            debug!(%error, to = %t.to, "UDP send failed");
+                        }
+                    });
+                }
+                Err(error) => debug!(%error, to = %t.to, "UDP send failed"),
+            }
+        }
+        Transport::Tcp => {
+            let conn = t
+                .conn
+                .filter(|c| conns.by_id.contains_key(c))
+                .or_else(|| conns.by_addr.get(&t.to).map(|c| *c));
+            if let Some(sender) = conn.and_then(|c| conns.by_id.get(&c)) {
+                let _ = sender.send(t.bytes);
+                return;
+            }
+            // No connection to that address yet: open one; it also reads what comes back.
+            let conns = Arc::clone(conns);
+            let tx = tx.clone();
+            let listener = tcp_listener.unwrap_or(0);
+            tokio::spawn(async move {
+                match TcpStream::connect(t.to).await {
+                    Ok(stream) => {
+                        let (id, sender) = register(&conns, stream, t.to, listener, tx, max_message_bytes);
+                        debug!(conn = id, to = %t.to, "opened TCP connection");
+                        let _ = sender.send(t.bytes);
+                    }
+                    Err(error) => warn!(%error, to = %t.to, "TCP connect failed"),
+                }
+            });
+        }
+    }
+}
+
+async fn udp_reader(listener: usize, sock: Arc<UdpSocket>, tx: mpsc::Sender<Event>, shutdown: CancellationToken) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let received = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = sock.recv_from(&mut buf) => r,
+        };
+        match received {
+            Ok((n, from)) => {
+                let Some(data) = buf.get(..n) else { continue };
+                // Keep-alives (CRLF or empty) need no work.
+                if data.iter().all(|b| matches!(b, b'\r' | b'\n' | b' ' | b'\0')) {
+                    continue;
+                }
+                let bytes = Bytes::copy_from_slice(data);
+                if tx.send(Event::Datagram { listener, from, bytes }).await.is_err() {
+                    return;
+                }
+            }
+            // ICMP port unreachable and the like surface here on some platforms: keep going.
+            Err(error) => debug!(%error, "UDP receive error"),
+        }
+    }
+}
+
+async fn tcp_acceptor(
+    listener: usize,
+    sock: TcpListener,
+    conns: Arc<Connections>,
+    tx: mpsc::Sender<Event>,
+    max_message_bytes: usize,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = sock.accept() => r,
+        };
+        match accepted {
+            Ok((stream, from)) => {
+                let _ = stream.set_nodelay(true);
+                let (id, _) = register(&conns, stream, from, listener, tx.clone(), max_message_bytes);
+                debug!(conn = id, peer = %from, "accepted TCP connection");
+            }
+            Err(error) => {
+                // e.g. out of file descriptors: back off briefly rather than spin.
+                warn!(%error, "TCP accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Registers a connection and starts its reader and writer tasks.
+fn register(
+    conns: &Arc<Connections>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    listener: usize,
+    tx: mpsc::Sender<Event>,
+    max_message_bytes: usize,
+) -> (ConnId, mpsc::UnboundedSender<Bytes>) {
+    let id = conns.next.fetch_add(1, Ordering::Relaxed) + 1;
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Bytes>();
+    conns.by_id.insert(id, out_tx.clone());
+    conns.by_addr.insert(peer, id);
+    let (mut reader, mut writer) = stream.into_split();
+    tokio::spawn(async move {
+        while let Some(bytes) = out_rx.recv().await {
+            if let Err(error) = writer.write_all(&bytes).await {
+                debug!(%error, conn = id, "TCP write failed");
+                break;
+            }
+        }
+    });
+    let conns = Arc::clone(conns);
+    tokio::spawn(async move {
+        let mut buf = BytesMut::with_capacity(TCP_READ_CHUNK);
+        'conn: loop {
+            if buf.capacity() - buf.len() < 1024 {
+                buf.reserve(TCP_READ_CHUNK);
+            }
+            match reader.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            loop {
+                match parse::frame_stream(&buf, max_message_bytes) {
+                    Ok(frame) => {
+                        let _ = buf.split_to(frame.skip);
+                        let bytes = buf.split_to(frame.len).freeze();
+                        if tx.send(Event::Stream { listener, conn: id, from: peer, bytes }).await.is_err() {
+                            break 'conn;
+                        }
+                    }
+                    Err(ParseError::Incomplete) => {
+                        // only keep-alive CRLFs so far: drop them
+                        if buf.iter().all(|b| matches!(b, b'\r' | b'\n')) {
+                            buf.clear();
+                        }
+                        break;
+                    }
+                    Err(error) => {
+                        // Framing is lost: nothing after this can be trusted.
+                        warn!(%error, peer = %peer, "closing TCP connection with unframeable data");
+                        break 'conn;
+                    }
+                }
+            }
+        }
+        conns.by_id.remove(&id);
+        conns.by_addr.remove_if(&peer, |_, v| *v == id);
+        debug!(conn = id, "TCP connection closed");
+    });
+    (id, out_tx)
+}
