@@ -1320,3 +1320,6 @@ fn request_uri_target(msg: &Message) -> Option<(SocketAddr, Option<Transport>, b
         .and_then(uri::parse_target)?;
     Some((t.socket_addr()?, t.transport, t.secure))
 }
+
+#[cfg(test)]
+mod tests;
