@@ -125,9 +125,18 @@ mod tests {
     #[test]
     fn no_usable_key() {
         assert_eq!(presented_key(&HeaderMap::new()), None);
-        assert_eq!(presented_key(&headers(&[("authorization", "Bearer ")])), None);
-        assert_eq!(presented_key(&headers(&[("authorization", "Bearerabc")])), None);
-        assert_eq!(presented_key(&headers(&[("authorization", "Basic YWRtaW4=")])), None);
+        assert_eq!(
+            presented_key(&headers(&[("authorization", "Bearer ")])),
+            None
+        );
+        assert_eq!(
+            presented_key(&headers(&[("authorization", "Bearerabc")])),
+            None
+        );
+        assert_eq!(
+            presented_key(&headers(&[("authorization", "Basic YWRtaW4=")])),
+            None
+        );
         assert_eq!(presented_key(&headers(&[("x-api-key", "  ")])), None);
         // Another scheme in Authorization still lets X-API-Key through.
         let h = headers(&[("authorization", "Basic YWRtaW4="), ("x-api-key", "abc")]);
@@ -140,7 +149,10 @@ mod tests {
         assert!(eq(b"dev-key", b"dev-key"));
         assert!(!eq(b"dev-kez", b"dev-key"));
         assert!(!eq(b"dev-ke", b"dev-key"));
-        assert!(!eq(b"dev-keydev-key", b"dev-key"), "a repeated key is not the key");
+        assert!(
+            !eq(b"dev-keydev-key", b"dev-key"),
+            "a repeated key is not the key"
+        );
         assert!(!eq(b"", b"dev-key"));
         assert!(!eq(b"", b""), "an empty configured key matches nothing");
     }

@@ -214,8 +214,8 @@ fn authorised_agent<'a>(
     authenticated: &Authenticated,
     agent_id: &str,
 ) -> Result<&'a AgentConfig, ApiError> {
-    let Some((index, agent)) = (state.agents.config.agents.iter().enumerate())
-        .find(|(_, agent)| agent.id == agent_id)
+    let Some((index, agent)) =
+        (state.agents.config.agents.iter().enumerate()).find(|(_, agent)| agent.id == agent_id)
     else {
         return Err(ApiError::UnknownAgent(agent_id.to_string()));
     };
