@@ -631,3 +631,72 @@ async fn unknown_routes_and_methods_answer_json() {
     let allow = headers[header::ALLOW].to_str().unwrap();
     assert!(allow.contains("GET") && allow.contains("DELETE"), "{allow}");
 }
+
+#[tokio::test]
+async fn an_undecodable_path_is_a_400() {
+    let h = Harness::new();
+    let (status, _, body) = h
+        .send(request(
+            Method::GET,
+            "/v1/precall/support-agent/%FF%FE",
+            Some(SUPPORT_KEY),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let message = body["error"].as_str().unwrap();
+    assert!(message.starts_with("invalid path: "), "{message}");
+}
+
+/// A `MakeWriter` that appends to a shared buffer, to read back what was logged.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuffer {
+    type Writer = LogBuffer;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+#[tokio::test]
+async fn the_log_names_agent_and_number_but_never_the_key_or_context_values() {
+    let logs = LogBuffer::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(logs.clone())
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .finish();
+    // Current-thread runtime: the default subscriber covers the whole request.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let h = Harness::new();
+    let secret = r#"{"agentId":"support-agent","phoneNumber":"+14155550123","ssn":"078-05-1120"}"#;
+    assert_eq!(
+        h.send(post("/v1/precall", Some(SUPPORT_KEY), secret))
+            .await
+            .0,
+        StatusCode::ACCEPTED
+    );
+    let (status, _, _) = h
+        .send(post("/v1/precall", Some("wrong-key-123"), secret))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(logged.contains("context accepted"), "{logged}");
+    assert!(
+        logged.contains("support-agent") && logged.contains("+14155550123"),
+        "{logged}"
+    );
+    for never in [SUPPORT_KEY, "wrong-key-123", "078-05-1120", "ssn"] {
+        assert!(!logged.contains(never), "{never:?} was logged: {logged}");
+    }
+}
