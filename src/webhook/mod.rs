@@ -1,13 +1,47 @@
 //! The webhook HTTP API (axum): `POST /v1/precall`, `GET`/`DELETE
 //! /v1/precall/{agentId}/{phoneNumber}`, `POST /v1/precall/test`, `/healthz`, `/readyz`.
+//! The contract is DESIGN.md "Webhook API"; every error is `{"error": "..."}` ([`ApiError`]).
 //!
-//! SKELETON: to be implemented.
+//! # Order of checks
+//! `POST /v1/precall` and `POST /v1/precall/test`, first failure wins:
+//! 1. `415` Content-Type is not `application/json` (parameters such as `charset` allowed).
+//! 2. `401` no key (`missing API key`) or a key of no agent (`invalid API key`). Headers
+//!    only: a client without a valid key gets nothing more, not even whether the agent it
+//!    names exists, and we never read its body.
+//! 3. `413` body over `http.max_body_bytes` (a declared Content-Length is refused unread).
+//! 4. `400` body not JSON, not an object, `agentId` / `phoneNumber` missing or not a string.
+//! 5. `404` `agentId` names no agent; `401` the key is valid but belongs to another agent.
+//! 6. `422` `phoneNumber` does not parse as a phone number (the agent's `default_region`).
+//! 7. Only then the store: `202` (or `200` with the would-be headers for `/test`, which
+//!    stores nothing); `503` `store unavailable` when the store fails, cause only logged.
+//!
+//! `GET` and `DELETE /v1/precall/{agentId}/{phoneNumber}`: `400` undecodable path, `401`
+//! key, `404`/`401` agent, `422` number, then the store. The number in the path is
+//! normalised like the body's; encode `+` as `%2B` or leave it literal (a `+` in a path is
+//! a plus, not a space). `GET` answers `404` when nothing is cached; `DELETE` answers `204`
+//! whether or not something was, so a retry sees the same result.
+//!
+//! Anything else: `404` unknown path, `405` known path with another method (with `Allow`).
+//! Nothing is cached on any error, since the store is the last step.
+//!
+//! The webhook log line carries the agent and the number, never the key or a context value.
+
+mod auth;
+mod error;
+mod handlers;
+#[cfg(test)]
+mod tests;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use axum::routing::{get, post};
+
 use crate::agent::Agents;
 use crate::store::Contexts;
+
+pub use auth::API_KEY_HEADER;
+pub use error::ApiError;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -19,6 +53,18 @@ pub struct AppState {
 }
 
 /// The API router.
-pub fn router(_state: AppState) -> axum::Router {
-    todo!()
+pub fn router(state: AppState) -> axum::Router {
+    axum::Router::new()
+        .route("/v1/precall", post(handlers::post_precall))
+        .route("/v1/precall/test", post(handlers::test_precall))
+        .route(
+            "/v1/precall/{agent_id}/{phone_number}",
+            get(handlers::get_precall).delete(handlers::delete_precall),
+        )
+        .route("/healthz", get(handlers::healthz))
+        .route("/readyz", get(handlers::readyz))
+        // Applies to the routes above, so it must come after them.
+        .method_not_allowed_fallback(handlers::method_not_allowed)
+        .fallback(handlers::not_found)
+        .with_state(state)
 }
