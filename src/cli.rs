@@ -1,13 +1,28 @@
 //! The command line (clap): `run`, `check`, `curl`, `send`.
 //!
-//! SKELETON: `check`, `curl` and `send` to be implemented; `run` is wired in `app`.
+//! `run` is wired in `app`; this module holds the three helper commands an operator uses
+//! while setting an agent up: `check` (is the config right, and what did it resolve to),
+//! `curl` (Phonely's "Copy cURL": a webhook call to paste elsewhere) and `send` (the
+//! "Test" step: post a webhook to the running sidecar and show the headers a call would
+//! now get). Errors are `anyhow` here, at the edge; the library below stays typed.
 
-use std::path::PathBuf;
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use anyhow::{anyhow, bail, Context as _};
 use clap::{Parser, Subcommand};
+use serde_json::{Map, Value};
+
+use crate::config::{AgentConfig, CallerSource, Config, InjectMode};
 
 #[derive(Debug, Parser)]
-#[command(name = "precall", version, about = "SIP-side pre-call webhook sidecar for voice agents")]
+#[command(
+    name = "precall",
+    version,
+    about = "SIP-side pre-call webhook sidecar for voice agents"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -50,4 +65,632 @@ pub enum Command {
         #[arg(long = "field", value_name = "KEY=VALUE")]
         fields: Vec<String>,
     },
+}
+
+/// The caller number `curl` uses when `--phone` is not given: a fictional US number.
+pub const EXAMPLE_PHONE: &str = "+14155550123";
+
+/// How long `send` waits for each webhook answer.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `precall check`: validates the config and prints the resolved agents to stdout.
+///
+/// # Errors
+/// The config does not load: each problem has been printed to stderr, one per line,
+/// and the error says how many there were (main exits 1).
+pub fn check(path: &Path) -> anyhow::Result<()> {
+    match Config::load(path) {
+        Ok(config) => {
+            print!("{}", describe(path, &config));
+            Ok(())
+        }
+        Err(error) => {
+            for problem in &error.problems {
+                eprintln!("{}: {problem}", path.display());
+            }
+            let n = error.problems.len();
+            bail!(
+                "{}: {n} problem{} found",
+                path.display(),
+                if n == 1 { "" } else { "s" }
+            )
+        }
+    }
+}
+
+/// `precall curl`: prints a ready-to-paste curl command posting a webhook for `agent`.
+///
+/// # Errors
+/// The config does not load, or has no agent `agent`.
+pub fn curl(path: &Path, agent: &str, phone: Option<&str>) -> anyhow::Result<()> {
+    let config = load(path)?;
+    let agent = find_agent(&config, path, agent)?;
+    println!(
+        "{}",
+        curl_command(&config, agent, phone.unwrap_or(EXAMPLE_PHONE))?
+    );
+    Ok(())
+}
+
+/// `precall send`: posts a webhook for `agent` and caller `phone` (plus `fields`, each
+/// `key=value`) to the running sidecar at `http.listen`, prints the answer, then asks
+/// `/v1/precall/test` for the headers a call would now receive and prints them, one
+/// `Name: value` per line.
+///
+/// A field value is JSON when it reads as a JSON number, boolean, object or array
+/// (`score=80`, `vip=true`, `tags=["a"]`); anything else is a string (`name=Ada`).
+///
+/// # Errors
+/// The config does not load, the agent is unknown, a field is not `key=value`, the
+/// sidecar cannot be reached, or it answers with a non-2xx status (its error JSON has
+/// been printed).
+pub async fn send(path: &Path, agent: &str, phone: &str, fields: &[String]) -> anyhow::Result<()> {
+    let config = load(path)?;
+    let agent = find_agent(&config, path, agent)?;
+    let payload = payload(&agent.id, phone, fields)?;
+    let key = first_key(agent)?;
+    let client = reqwest::Client::builder()
+        .timeout(SEND_TIMEOUT)
+        .build()
+        .context("cannot build an HTTP client")?;
+    let mut out = String::new();
+    let result = exchange(
+        &client,
+        &base_url(config.http.listen),
+        key,
+        &payload,
+        &mut out,
+    )
+    .await;
+    print!("{out}");
+    result
+}
+
+fn load(path: &Path) -> anyhow::Result<Config> {
+    Config::load(path).map_err(|e| anyhow!("invalid config {}:\n{e}", path.display()))
+}
+
+fn find_agent<'a>(config: &'a Config, path: &Path, id: &str) -> anyhow::Result<&'a AgentConfig> {
+    config.agent(id).ok_or_else(|| {
+        let ids: Vec<&str> = config.agents.iter().map(|a| a.id.as_str()).collect();
+        anyhow!(
+            "no agent {id:?} in {} (agents: {})",
+            path.display(),
+            ids.join(", ")
+        )
+    })
+}
+
+fn first_key(agent: &AgentConfig) -> anyhow::Result<&str> {
+    agent
+        .api_keys
+        .first()
+        .map(String::as_str)
+        .ok_or_else(|| anyhow!("agent {:?} has no api_keys", agent.id))
+}
+
+/// What `check` prints for a valid config.
+fn describe(path: &Path, config: &Config) -> String {
+    let mut out = String::new();
+    let join = |items: Vec<String>| {
+        if items.is_empty() {
+            "(none)".to_string()
+        } else {
+            items.join(", ")
+        }
+    };
+    let sip = &config.sip;
+    let _ = writeln!(out, "{}: OK", path.display());
+    let _ = writeln!(
+        out,
+        "sip    listen {}; trusted peers {}; default agent {}; record-route {}",
+        join(sip.listen.iter().map(ToString::to_string).collect()),
+        join(sip.trusted_peers.iter().map(ToString::to_string).collect()),
+        sip.default_agent
+            .as_deref()
+            .unwrap_or("(none: unknown numbers get 404)"),
+        if sip.record_route { "on" } else { "off" },
+    );
+    let _ = writeln!(
+        out,
+        "http   listen {}; max body {} bytes",
+        config.http.listen, config.http.max_body_bytes
+    );
+    let _ = writeln!(
+        out,
+        "store  memory; ttl {} s; {}",
+        config.store.ttl.as_secs(),
+        if config.store.consume {
+            "a context is used by one call"
+        } else {
+            "a context serves every call until it expires"
+        }
+    );
+    for agent in &config.agents {
+        let _ = writeln!(out);
+        let _ = writeln!(out, "agent {}", agent.id);
+        let rows = [
+            ("numbers", join(agent.numbers.clone())),
+            (
+                "upstream",
+                format!(
+                    "{} ({} {})",
+                    agent.upstream.uri, agent.upstream.transport, agent.upstream.addr
+                ),
+            ),
+            (
+                "fallback wait",
+                format!("{} ms", agent.fallback_wait.as_millis()),
+            ),
+            ("region", agent.default_region.as_ref().to_string()),
+            (
+                "caller sources",
+                join(
+                    agent
+                        .caller_sources
+                        .iter()
+                        .map(|s| match s {
+                            CallerSource::Pai => "pai".to_string(),
+                            CallerSource::From => "from".to_string(),
+                        })
+                        .collect(),
+                ),
+            ),
+            (
+                "inject",
+                format!(
+                    "{}, prefix {}, max {} bytes",
+                    match agent.inject.mode {
+                        InjectMode::Headers => "headers",
+                    },
+                    agent.inject.prefix,
+                    agent.inject.max_bytes
+                ),
+            ),
+            (
+                "defaults",
+                Value::Object(agent.defaults.clone()).to_string(),
+            ),
+            ("api keys", agent.api_keys.len().to_string()),
+        ];
+        for (name, value) in rows {
+            let _ = writeln!(out, "  {name:<15} {value}");
+        }
+    }
+    out
+}
+
+/// `http://ADDR:PORT`, with an every-interface listen address (`0.0.0.0`, `[::]`)
+/// replaced by loopback, which is where a local client reaches it.
+fn base_url(listen: SocketAddr) -> String {
+    let ip = match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    format!("http://{}", SocketAddr::new(ip, listen.port()))
+}
+
+/// The curl command line `precall curl` prints.
+fn curl_command(config: &Config, agent: &AgentConfig, phone: &str) -> anyhow::Result<String> {
+    let mut body = Map::new();
+    body.insert("agentId".into(), agent.id.clone().into());
+    body.insert("phoneNumber".into(), phone.into());
+    body.insert("customer_name".into(), "Ada".into());
+    Ok(format!(
+        "curl -sS -X POST {} -H {} -H {} -d {}",
+        shell_quote(&format!("{}/v1/precall", base_url(config.http.listen))),
+        shell_quote(&format!("Authorization: Bearer {}", first_key(agent)?)),
+        shell_quote("Content-Type: application/json"),
+        shell_quote(&Value::Object(body).to_string()),
+    ))
+}
+
+/// `s` as one POSIX shell word: bare when every character is plainly safe, else in single
+/// quotes, each `'` written as `'\''`.
+fn shell_quote(s: &str) -> String {
+    let is_plain = |b: u8| b.is_ascii_alphanumeric() || b"_-./:=@%+,".contains(&b);
+    if !s.is_empty() && s.bytes().all(is_plain) {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The webhook body: `agentId`, `phoneNumber`, then each `key=value` field in order.
+fn payload(agent_id: &str, phone: &str, fields: &[String]) -> anyhow::Result<Value> {
+    let mut body = Map::new();
+    body.insert("agentId".into(), agent_id.into());
+    body.insert("phoneNumber".into(), phone.into());
+    for field in fields {
+        let (key, value) = field
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--field {field:?}: expected KEY=VALUE"))?;
+        if key.is_empty() {
+            bail!("--field {field:?}: the key is empty");
+        }
+        if key == "agentId" || key == "phoneNumber" {
+            bail!("--field {field:?}: set {key} with --agent / --phone");
+        }
+        body.insert(key.to_string(), field_value(value));
+    }
+    Ok(Value::Object(body))
+}
+
+/// A `--field` value: JSON when it is a JSON number, boolean, object or array; else the
+/// text as a string (so `name=null` is the string "null").
+fn field_value(text: &str) -> Value {
+    match serde_json::from_str::<Value>(text) {
+        Ok(value @ (Value::Number(_) | Value::Bool(_) | Value::Object(_) | Value::Array(_))) => {
+            value
+        }
+        _ => Value::String(text.to_string()),
+    }
+}
+
+/// The two requests of `send`, writing what to show into `out` as it goes (so a failed
+/// second step still shows the first).
+async fn exchange(
+    client: &reqwest::Client,
+    base_url: &str,
+    key: &str,
+    payload: &Value,
+    out: &mut String,
+) -> anyhow::Result<()> {
+    let url = format!("{base_url}/v1/precall");
+    let answer = post(client, &url, key, payload).await?;
+    let _ = writeln!(out, "POST {url} → {}", answer.status);
+    let _ = writeln!(out, "{}", answer.pretty());
+    answer.ensure_success(&url)?;
+
+    let url = format!("{base_url}/v1/precall/test");
+    let answer = post(client, &url, key, payload).await?;
+    answer.ensure_success(&url).inspect_err(|_| {
+        let _ = writeln!(out, "POST {url} → {}", answer.status);
+        let _ = writeln!(out, "{}", answer.pretty());
+    })?;
+    let status = answer
+        .json
+        .as_ref()
+        .and_then(|j| j.get("status"))
+        .and_then(Value::as_str)
+        .unwrap_or("?");
+    let _ = writeln!(out);
+    let _ = writeln!(out, "A call now gets these headers (status {status}):");
+    let headers = answer
+        .json
+        .as_ref()
+        .and_then(|j| j.get("headers"))
+        .and_then(Value::as_array)
+        .ok_or_else(|| anyhow!("{url}: the answer has no \"headers\" list: {}", answer.text))?;
+    for header in headers {
+        let name = header.get("name").and_then(Value::as_str).unwrap_or("?");
+        let value = header.get("value").and_then(Value::as_str).unwrap_or("");
+        let _ = writeln!(out, "{name}: {value}");
+    }
+    if let Some(route) = answer.json.as_ref().and_then(|j| j.get("route")) {
+        if !route.is_null() {
+            let _ = writeln!(out, "(route {route})");
+        }
+    }
+    Ok(())
+}
+
+/// An HTTP answer: status, raw text, and the text as JSON when it is JSON.
+struct Answer {
+    status: reqwest::StatusCode,
+    text: String,
+    json: Option<Value>,
+}
+
+impl Answer {
+    fn pretty(&self) -> String {
+        self.json
+            .as_ref()
+            .and_then(|j| serde_json::to_string_pretty(j).ok())
+            .unwrap_or_else(|| self.text.clone())
+    }
+
+    fn ensure_success(&self, url: &str) -> anyhow::Result<()> {
+        if self.status.is_success() {
+            return Ok(());
+        }
+        let reason = self
+            .json
+            .as_ref()
+            .and_then(|j| j.get("error"))
+            .and_then(Value::as_str)
+            .unwrap_or(self.text.as_str());
+        bail!("{url} answered {}: {reason}", self.status)
+    }
+}
+
+async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    payload: &Value,
+) -> anyhow::Result<Answer> {
+    let response = client
+        .post(url)
+        .bearer_auth(key)
+        .json(payload)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url} (is `precall run` running?)"))?;
+    let status = response.status();
+    let text = response
+        .text()
+        .await
+        .with_context(|| format!("{url}: the answer could not be read"))?;
+    let json = serde_json::from_str(&text).ok();
+    Ok(Answer { status, text, json })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::routing::post;
+    use axum::{Json, Router};
+    use serde_json::json;
+
+    const BUNDLED: &str = include_str!("../config/precall.toml");
+
+    fn bundled() -> Config {
+        Config::from_toml_str(BUNDLED).unwrap()
+    }
+
+    #[test]
+    fn check_describes_every_agent() {
+        let text = describe(Path::new("config/precall.toml"), &bundled());
+        for want in [
+            "config/precall.toml: OK",
+            "listen udp:127.0.0.1:5060, tcp:127.0.0.1:5060",
+            "trusted peers 127.0.0.0/8",
+            "default agent support-agent",
+            "http   listen 127.0.0.1:8080",
+            "store  memory; ttl 300 s",
+            "agent support-agent",
+            "  numbers         +15550100",
+            "  upstream        sip:127.0.0.1:5070;transport=udp (udp 127.0.0.1:5070)",
+            "  fallback wait   2000 ms",
+            "  region          US",
+            "  caller sources  pai, from",
+            "  inject          headers, prefix X-Precall-, max 1024 bytes",
+            "  defaults        {\"customer_name\":\"there\"}",
+        ] {
+            assert!(text.contains(want), "{want:?} missing from:\n{text}");
+        }
+        // The keys themselves are secrets: only counted.
+        assert!(!text.contains("dev-key-change-me"));
+    }
+
+    #[test]
+    fn check_fails_on_a_bad_file() {
+        let dir = std::env::temp_dir().join(format!("precall-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, "[store]\nttl_secs = 0\n").unwrap();
+        let err = check(&bad).unwrap_err().to_string();
+        assert!(err.ends_with("2 problems found"), "{err}");
+        let good = dir.join("good.toml");
+        std::fs::write(&good, BUNDLED).unwrap();
+        assert!(check(&good).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn curl_command_is_ready_to_paste() {
+        let cfg = bundled();
+        let cmd = curl_command(&cfg, &cfg.agents[0], EXAMPLE_PHONE).unwrap();
+        assert_eq!(
+            cmd,
+            "curl -sS -X POST http://127.0.0.1:8080/v1/precall \
+             -H 'Authorization: Bearer dev-key-change-me' \
+             -H 'Content-Type: application/json' \
+             -d '{\"agentId\":\"support-agent\",\"phoneNumber\":\"+14155550123\",\"customer_name\":\"Ada\"}'"
+        );
+    }
+
+    #[test]
+    fn curl_quotes_awkward_values_and_maps_any_address_to_loopback() {
+        let text = BUNDLED
+            .replace("listen = \"127.0.0.1:8080\"", "listen = \"0.0.0.0:9000\"")
+            .replace("dev-key-change-me", "it's-a-key");
+        let cfg = Config::from_toml_str(&text).unwrap();
+        let cmd = curl_command(&cfg, &cfg.agents[0], "+1 (415) 555-0123' ; rm -rf ~").unwrap();
+        assert!(cmd.starts_with("curl -sS -X POST http://127.0.0.1:9000/v1/precall "));
+        assert!(
+            cmd.contains(r"-H 'Authorization: Bearer it'\''s-a-key'"),
+            "{cmd}"
+        );
+        assert!(
+            cmd.contains(r#""phoneNumber":"+1 (415) 555-0123'\'' ; rm -rf ~""#),
+            "{cmd}"
+        );
+    }
+
+    #[test]
+    fn shell_quoting() {
+        assert_eq!(shell_quote("http://h:1/p"), "http://h:1/p");
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("$HOME"), "'$HOME'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote("`x`"), "'`x`'");
+    }
+
+    #[test]
+    fn base_urls() {
+        assert_eq!(
+            base_url("127.0.0.1:8080".parse().unwrap()),
+            "http://127.0.0.1:8080"
+        );
+        assert_eq!(
+            base_url("0.0.0.0:8080".parse().unwrap()),
+            "http://127.0.0.1:8080"
+        );
+        assert_eq!(base_url("[::]:8080".parse().unwrap()), "http://[::1]:8080");
+        assert_eq!(base_url("[::1]:8080".parse().unwrap()), "http://[::1]:8080");
+        assert_eq!(
+            base_url("10.0.0.1:80".parse().unwrap()),
+            "http://10.0.0.1:80"
+        );
+    }
+
+    #[test]
+    fn fields_are_json_when_they_read_as_json() {
+        let fields: Vec<String> = [
+            "customer_name=Ada",
+            "score=80",
+            "ratio=0.5",
+            "vip=true",
+            "tags=[\"a\",1]",
+            "meta={\"k\":\"v\"}",
+            "nothing=null",
+            "quoted=\"x\"",
+            "eq=a=b",
+            "empty=",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let body = payload("support-agent", "+14155550123", &fields).unwrap();
+        assert_eq!(
+            body.to_string(),
+            r#"{"agentId":"support-agent","phoneNumber":"+14155550123","customer_name":"Ada","score":80,"ratio":0.5,"vip":true,"tags":["a",1],"meta":{"k":"v"},"nothing":"null","quoted":"\"x\"","eq":"a=b","empty":""}"#
+        );
+        assert!(payload("a", "1", &["novalue".into()]).is_err());
+        assert!(payload("a", "1", &["=x".into()]).is_err());
+        assert!(payload("a", "1", &["agentId=b".into()]).is_err());
+    }
+
+    #[test]
+    fn unknown_agent_lists_the_known_ones() {
+        let err = find_agent(&bundled(), Path::new("p.toml"), "nobody").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "no agent \"nobody\" in p.toml (agents: support-agent)"
+        );
+    }
+
+    /// A stand-in for the webhook: checks the key, answers like DESIGN.md's API.
+    async fn fake_webhook(test_status: StatusCode) -> String {
+        async fn precall(headers: HeaderMap, Json(body): Json<Value>) -> (StatusCode, Json<Value>) {
+            if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some("Bearer good") {
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    Json(json!({"error": "wrong API key"})),
+                );
+            }
+            let fields = body.as_object().map_or(0, |o| o.len() - 2);
+            (
+                StatusCode::ACCEPTED,
+                Json(json!({"status": "accepted", "agentId": body["agentId"],
+                    "phoneNumber": "+14155550123", "fields": fields, "released": 0,
+                    "stored": true, "ttlSecs": 300})),
+            )
+        }
+        let test = move |Json(body): Json<Value>| async move {
+            if test_status != StatusCode::OK {
+                return (test_status, Json(json!({"error": "boom"})));
+            }
+            (
+                StatusCode::OK,
+                Json(
+                    json!({"agentId": body["agentId"], "phoneNumber": "+14155550123",
+                    "status": "hit", "route": null, "headers": [
+                        {"name": "X-Precall-customer_name", "value": body["customer_name"]},
+                        {"name": "X-Precall-Status", "value": "hit"},
+                        {"name": "X-Precall-Wait-Ms", "value": "0"}]}),
+                ),
+            )
+        };
+        let app = Router::new()
+            .route("/v1/precall", post(precall))
+            .route("/v1/precall/test", post(test));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        format!("http://{addr}")
+    }
+
+    fn ada() -> Value {
+        payload(
+            "support-agent",
+            "+1 415 555 0123",
+            &["customer_name=Ada".into()],
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn send_prints_the_answer_and_the_headers() {
+        let base = fake_webhook(StatusCode::OK).await;
+        let client = reqwest::Client::new();
+        let mut out = String::new();
+        exchange(&client, &base, "good", &ada(), &mut out)
+            .await
+            .unwrap();
+        assert!(
+            out.starts_with(&format!("POST {base}/v1/precall → 202 Accepted\n{{\n")),
+            "{out}"
+        );
+        assert!(out.contains("\"status\": \"accepted\""), "{out}");
+        assert!(
+            out.ends_with(
+                "A call now gets these headers (status hit):\n\
+                 X-Precall-customer_name: Ada\n\
+                 X-Precall-Status: hit\n\
+                 X-Precall-Wait-Ms: 0\n"
+            ),
+            "{out}"
+        );
+    }
+
+    #[tokio::test]
+    async fn send_fails_on_non_2xx_and_shows_the_error() {
+        let base = fake_webhook(StatusCode::OK).await;
+        let client = reqwest::Client::new();
+        let mut out = String::new();
+        let err = exchange(&client, &base, "bad", &ada(), &mut out)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("{base}/v1/precall answered 401 Unauthorized: wrong API key")
+        );
+        assert!(out.contains("\"error\": \"wrong API key\""), "{out}");
+        assert!(!out.contains("/test"), "{out}");
+
+        let base = fake_webhook(StatusCode::UNPROCESSABLE_ENTITY).await;
+        let mut out = String::new();
+        let err = exchange(&client, &base, "good", &ada(), &mut out)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .ends_with("answered 422 Unprocessable Entity: boom"),
+            "{err}"
+        );
+        assert!(
+            out.contains("202 Accepted") && out.contains("/v1/precall/test → 422"),
+            "{out}"
+        );
+    }
+
+    #[tokio::test]
+    async fn send_says_when_nothing_listens() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        drop(listener);
+        let mut out = String::new();
+        let err = exchange(&reqwest::Client::new(), &base, "k", &ada(), &mut out)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("is `precall run` running?"),
+            "{err}"
+        );
+    }
 }

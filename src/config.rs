@@ -1,16 +1,33 @@
 //! TOML → validated [`Config`]. Binds nothing, opens nothing: a bad config fails here,
 //! before any socket exists, with errors that name the key and the problem.
 //!
-//! SKELETON: the validated types below are the contract the rest of the crate codes against.
-//! `Config::from_toml_str` / `Config::load` are to be implemented (raw serde structs →
-//! validation → these types).
+//! Two steps: serde reads the document into raw structs that mirror the TOML layout
+//! (DESIGN.md "Config sketch"; `deny_unknown_fields`, so a typo such as `lisen` is an error
+//! rather than a silently ignored key), then validation turns them into the types below,
+//! collecting every problem it finds (`agents[0].upstream: ...`) instead of stopping at the
+//! first. A TOML syntax or type error stops the first step; it is reported with its line
+//! and column.
+//!
+//! Keys of later features (DESIGN.md "Keys of the later features") that a config may
+//! already carry are accepted and checked but not yet acted on: `sip.drain_secs`,
+//! `store.url`, `store.key_prefix`. Values that name a later feature (`store.backend =
+//! "redis"`, `tls:` listeners, an upstream list, inject modes other than `headers`) are
+//! errors that say so, because silently running without them would surprise.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::Path;
+use std::str::FromStr;
 use std::time::Duration;
 
 use ipnet::IpNet;
+use phonenumber::country::Id as Region;
+use serde::Deserialize;
 use serde_json::{Map, Value};
+
+use crate::inject;
+use crate::number;
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -156,13 +173,275 @@ pub struct ConfigError {
     pub problems: Vec<String>,
 }
 
+impl Transport {
+    /// A `transport=` value or a listen scheme, ignoring ASCII case.
+    fn from_name(name: &str) -> Option<Transport> {
+        if name.eq_ignore_ascii_case("udp") {
+            Some(Transport::Udp)
+        } else if name.eq_ignore_ascii_case("tcp") {
+            Some(Transport::Tcp)
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.param_name())
+    }
+}
+
+impl ListenAddr {
+    /// `udp:ADDR:PORT` or `tcp:ADDR:PORT`, ADDR an IP literal (`[::1]` for IPv6).
+    pub fn parse(text: &str) -> Option<ListenAddr> {
+        let (scheme, addr) = text.split_once(':')?;
+        Some(ListenAddr {
+            transport: Transport::from_name(scheme)?,
+            addr: addr.parse().ok()?,
+        })
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    /// As written in the config: `udp:127.0.0.1:5060`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.transport, self.addr)
+    }
+}
+
+impl Upstream {
+    /// Parses `sip:HOST[:PORT][;transport=udp|tcp]` (port default 5060, transport default
+    /// udp; an `lr` parameter is allowed and ignored). HOST is an IP literal (`[::1]` for
+    /// IPv6) or a name, resolved here, once, with the system resolver: the first address
+    /// wins.
+    ///
+    /// # Errors
+    /// A message saying what is wrong with `uri`, without the key.
+    pub fn parse(uri: &str) -> Result<Upstream, String> {
+        let shape = || format!("{uri:?} is not sip:HOST[:PORT][;transport=udp|tcp]");
+        let rest = match uri.get(..4) {
+            Some(s) if s.eq_ignore_ascii_case("sip:") => uri.get(4..).unwrap_or(""),
+            _ if uri
+                .get(..5)
+                .is_some_and(|s| s.eq_ignore_ascii_case("sips:")) =>
+            {
+                return Err(format!(
+                    "{uri:?}: sips: upstreams are not supported by this build yet"
+                ));
+            }
+            _ => return Err(shape()),
+        };
+        let mut parts = rest.split(';');
+        let hostport = parts.next().unwrap_or("");
+        let mut transport = Transport::Udp;
+        for param in parts {
+            let (name, value) = param.split_once('=').unwrap_or((param, ""));
+            if name.eq_ignore_ascii_case("transport") {
+                transport = Transport::from_name(value)
+                    .ok_or_else(|| format!("{uri:?}: transport {value:?} is not udp or tcp"))?;
+            } else if !name.eq_ignore_ascii_case("lr") {
+                return Err(format!(
+                    "{uri:?}: unknown parameter {param:?} (only transport=udp|tcp)"
+                ));
+            }
+        }
+        if hostport.contains('@') {
+            return Err(format!(
+                "{uri:?}: an upstream is a host, without a user part"
+            ));
+        }
+        let (host, port) = split_host_port(hostport).ok_or_else(shape)?;
+        let addr = match host.parse::<IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, port),
+            Err(_) => (host, port)
+                .to_socket_addrs()
+                .map_err(|e| format!("{uri:?}: cannot resolve {host:?}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("{uri:?}: {host:?} resolves to no address"))?,
+        };
+        Ok(Upstream {
+            uri: uri.to_string(),
+            transport,
+            addr,
+        })
+    }
+}
+
+/// `host`, `host:port`, `[v6]`, `[v6]:port` → (host, port), port default 5060; the host
+/// is an IPv6 literal inside brackets, else letters, digits, `.` and `-`.
+fn split_host_port(hostport: &str) -> Option<(&str, u16)> {
+    let (host, port) = if let Some(bracketed) = hostport.strip_prefix('[') {
+        let (host, after) = bracketed.split_once(']')?;
+        host.parse::<std::net::Ipv6Addr>().ok()?;
+        match after {
+            "" => (host, None),
+            _ => (host, Some(after.strip_prefix(':')?)),
+        }
+    } else {
+        match hostport.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (hostport, None),
+        }
+    };
+    let is_name = |h: &str| {
+        !h.is_empty()
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+    };
+    if !hostport.starts_with('[') && !is_name(host) {
+        return None;
+    }
+    let port = match port {
+        None => 5060,
+        Some(p) => p.parse::<u16>().ok().filter(|&p| p != 0)?,
+    };
+    Some((host, port))
+}
+
+/// `sip.max_message_bytes` bounds: 65535 is the largest UDP datagram; below 256 bytes not
+/// even a bare INVITE fits (small values are for tests of the limit).
+const MESSAGE_BYTES: std::ops::RangeInclusive<u64> = 256..=65_535;
+/// `sip.t1_ms` bounds (RFC 3261 T1 is 500 ms; every other timer is a multiple of it).
+const T1_MS: std::ops::RangeInclusive<u64> = 1..=60_000;
+/// `http.max_body_bytes` bounds: room for `agentId` and `phoneNumber`, at most 1 MiB.
+const BODY_BYTES: std::ops::RangeInclusive<u64> = 64..=1_048_576;
+/// `fallback_wait_ms` upper bound: callers and carriers give up on a silent call long
+/// before a minute.
+const FALLBACK_WAIT_MS_MAX: u64 = 60_000;
+/// `inject.max_bytes` upper bound: no SIP message is larger.
+const INJECT_BYTES_MAX: u64 = 65_535;
+/// Longest agent id / API key accepted.
+const ID_MAX: usize = 128;
+const KEY_MAX: usize = 512;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    sip: RawSip,
+    #[serde(default)]
+    http: RawHttp,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    agents: Vec<RawAgent>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSip {
+    listen: Option<Vec<String>>,
+    trusted_peers: Option<Vec<String>>,
+    default_agent: Option<String>,
+    caller_sources: Option<Vec<String>>,
+    record_route: Option<bool>,
+    t1_ms: Option<u64>,
+    max_message_bytes: Option<u64>,
+    /// Later feature (graceful drain); accepted, not yet acted on.
+    drain_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    listen: Option<String>,
+    max_body_bytes: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    backend: Option<String>,
+    ttl_secs: Option<u64>,
+    consume: Option<bool>,
+    /// Later feature (Redis); accepted, not yet acted on.
+    url: Option<String>,
+    /// Later feature (Redis); accepted, not yet acted on.
+    key_prefix: Option<String>,
+}
+
+/// One upstream, or (a later feature) a list to fail over through.
+#[derive(Debug, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "expected a URI string such as \"sip:127.0.0.1:5070;transport=udp\""
+)]
+enum RawUpstream {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    id: Option<String>,
+    #[serde(default)]
+    api_keys: Vec<String>,
+    #[serde(default)]
+    numbers: Vec<String>,
+    upstream: Option<RawUpstream>,
+    default_region: Option<String>,
+    fallback_wait_ms: Option<u64>,
+    /// Deserialised straight into a JSON map, which keeps the file's order.
+    defaults: Option<Map<String, Value>>,
+    inject: Option<RawInject>,
+    caller_sources: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInject {
+    mode: Option<String>,
+    prefix: Option<String>,
+    max_bytes: Option<u64>,
+}
+
+/// Problems found so far, each `key: message`.
+#[derive(Debug, Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn add(&mut self, key: impl fmt::Display, message: impl fmt::Display) {
+        self.0.push(format!("{key}: {message}"));
+    }
+}
+
 impl Config {
     /// Parses and validates a TOML document.
     ///
     /// # Errors
-    /// Every problem found, each naming its key (`agents[0].upstream: ...`).
-    pub fn from_toml_str(_text: &str) -> Result<Config, ConfigError> {
-        todo!("config validation")
+    /// Every problem found, each naming its key (`agents[0].upstream: ...`); a TOML syntax
+    /// or type error alone, with its line and column.
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+            problems: vec![toml_problem(text, &e)],
+        })?;
+        let mut problems = Problems::default();
+        let sip = validate_sip(raw.sip, &mut problems);
+        let http = validate_http(raw.http, &mut problems);
+        let store = validate_store(raw.store, &mut problems);
+        // Checked against every id written, so an agent with some other problem does
+        // not also make the default look missing.
+        let ids: Vec<&str> = raw.agents.iter().filter_map(|a| a.id.as_deref()).collect();
+        if let Some(id) = &sip.default_agent {
+            if !ids.contains(&id.as_str()) {
+                problems.add("sip.default_agent", format!("no agent {id:?}"));
+            }
+        }
+        let agents = validate_agents(raw.agents, &sip, &mut problems);
+        if problems.0.is_empty() {
+            Ok(Config {
+                sip,
+                http,
+                store,
+                agents,
+            })
+        } else {
+            Err(ConfigError {
+                problems: problems.0,
+            })
+        }
     }
 
     /// Reads and validates a config file.
@@ -178,5 +457,897 @@ impl Config {
 
     pub fn agent(&self, id: &str) -> Option<&AgentConfig> {
         self.agents.iter().find(|a| a.id == id)
+    }
+}
+
+/// A TOML error as `line L, column C: message (`the line`)`: the line shows the key.
+fn toml_problem(text: &str, error: &toml::de::Error) -> String {
+    // Some messages span lines ("invalid table header\nexpected ..."): keep one line.
+    let message = error.message().trim_end().replace('\n', "; ");
+    let Some(start) = error.span().map(|span| span.start.min(text.len())) else {
+        return message;
+    };
+    let before = text.get(..start).unwrap_or("");
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line_no = before.matches('\n').count() + 1;
+    let column = before
+        .get(line_start..)
+        .map_or(1, |s| s.chars().count() + 1);
+    let line_text = text
+        .get(line_start..)
+        .and_then(|rest| rest.lines().next())
+        .unwrap_or("")
+        .trim();
+    format!("line {line_no}, column {column}: {message} (`{line_text}`)")
+}
+
+fn validate_sip(raw: RawSip, problems: &mut Problems) -> SipConfig {
+    let listen_text = raw
+        .listen
+        .unwrap_or_else(|| vec!["udp:127.0.0.1:5060".into(), "tcp:127.0.0.1:5060".into()]);
+    if listen_text.is_empty() {
+        problems.add("sip.listen", "at least one address");
+    }
+    let mut listen: Vec<ListenAddr> = Vec::new();
+    for (i, text) in listen_text.iter().enumerate() {
+        match ListenAddr::parse(text) {
+            // Port 0 (tests: "any free port") may repeat; anything else would fail to bind.
+            Some(addr) if addr.addr.port() != 0 && listen.contains(&addr) => {
+                problems.add(
+                    format_args!("sip.listen[{i}]"),
+                    format!("{text:?} is listed twice"),
+                );
+            }
+            Some(addr) => listen.push(addr),
+            None => problems.add(
+                format_args!("sip.listen[{i}]"),
+                format!("{text:?} is not udp:ADDR:PORT or tcp:ADDR:PORT"),
+            ),
+        }
+    }
+
+    let mut trusted_peers = Vec::new();
+    for (i, text) in raw.trusted_peers.unwrap_or_default().iter().enumerate() {
+        let net = text
+            .parse::<IpNet>()
+            .map(|net| net.trunc())
+            .or_else(|_| text.parse::<IpAddr>().map(IpNet::from));
+        match net {
+            Ok(net) => trusted_peers.push(net),
+            Err(_) => problems.add(
+                format_args!("sip.trusted_peers[{i}]"),
+                format!("{text:?} is not an IP address or network (10.0.0.0/8)"),
+            ),
+        }
+    }
+
+    let caller_sources = match raw.caller_sources {
+        Some(texts) => caller_sources(&texts, "sip.caller_sources", problems),
+        None => vec![CallerSource::Pai, CallerSource::From],
+    };
+
+    let t1_ms = raw.t1_ms.unwrap_or(500);
+    if !T1_MS.contains(&t1_ms) {
+        problems.add("sip.t1_ms", in_range(t1_ms, &T1_MS));
+    }
+    let max_message_bytes = raw.max_message_bytes.unwrap_or(65_535);
+    if !MESSAGE_BYTES.contains(&max_message_bytes) {
+        problems.add(
+            "sip.max_message_bytes",
+            in_range(max_message_bytes, &MESSAGE_BYTES),
+        );
+    }
+    if let Some(drain_secs) = raw.drain_secs {
+        if drain_secs > 3600 {
+            problems.add(
+                "sip.drain_secs",
+                format!("{drain_secs} is more than an hour (3600)"),
+            );
+        }
+    }
+    if let Some(id) = &raw.default_agent {
+        if id.is_empty() {
+            problems.add(
+                "sip.default_agent",
+                "empty; leave the key out for no default",
+            );
+        }
+    }
+
+    SipConfig {
+        listen,
+        trusted_peers,
+        default_agent: raw.default_agent,
+        caller_sources,
+        record_route: raw.record_route.unwrap_or(true),
+        t1: Duration::from_millis(t1_ms),
+        max_message_bytes: usize::try_from(max_message_bytes).unwrap_or(65_535),
+    }
+}
+
+fn validate_http(raw: RawHttp, problems: &mut Problems) -> HttpConfig {
+    let fallback = SocketAddr::from(([127, 0, 0, 1], 8080));
+    let listen = match raw.listen.as_deref() {
+        None => fallback,
+        Some(text) => text.parse().unwrap_or_else(|_| {
+            problems.add(
+                "http.listen",
+                format!("{text:?} is not ADDR:PORT with ADDR an IP address (127.0.0.1:8080)"),
+            );
+            fallback
+        }),
+    };
+    let max_body_bytes = raw.max_body_bytes.unwrap_or(16_384);
+    if !BODY_BYTES.contains(&max_body_bytes) {
+        problems.add("http.max_body_bytes", in_range(max_body_bytes, &BODY_BYTES));
+    }
+    HttpConfig {
+        listen,
+        max_body_bytes: usize::try_from(max_body_bytes).unwrap_or(16_384),
+    }
+}
+
+fn validate_store(raw: RawStore, problems: &mut Problems) -> StoreConfig {
+    match raw.backend.as_deref() {
+        None | Some("memory") => {}
+        Some("redis") => problems.add(
+            "store.backend",
+            "\"redis\" is not supported by this build yet (use \"memory\")",
+        ),
+        Some(other) => problems.add(
+            "store.backend",
+            format!("{other:?} is not \"memory\" or \"redis\""),
+        ),
+    }
+    let ttl_secs = raw.ttl_secs.unwrap_or(300);
+    if ttl_secs == 0 {
+        problems.add("store.ttl_secs", "must be at least 1");
+    }
+    if let Some(url) = &raw.url {
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            problems.add(
+                "store.url",
+                format!("{url:?} is not a redis:// or rediss:// URL"),
+            );
+        }
+    }
+    if let Some(prefix) = &raw.key_prefix {
+        if prefix.is_empty() || prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            problems.add(
+                "store.key_prefix",
+                format!("{prefix:?} must be non-empty, without spaces or control characters"),
+            );
+        }
+    }
+    StoreConfig {
+        backend: StoreBackend::Memory,
+        ttl: Duration::from_secs(ttl_secs),
+        consume: raw.consume.unwrap_or(true),
+    }
+}
+
+fn validate_agents(
+    raw: Vec<RawAgent>,
+    sip: &SipConfig,
+    problems: &mut Problems,
+) -> Vec<AgentConfig> {
+    if raw.is_empty() {
+        problems.add("agents", "at least one [[agents]] table");
+    }
+    // API key → the agent that owns it.
+    let mut key_owner: HashMap<&str, &str> = HashMap::new();
+    let mut seen_ids: Vec<&str> = Vec::new();
+    for (i, agent) in raw.iter().enumerate() {
+        let Some(id) = agent.id.as_deref() else {
+            continue;
+        };
+        if seen_ids.contains(&id) {
+            problems.add(format_args!("agents[{i}].id"), format!("duplicate {id:?}"));
+        }
+        seen_ids.push(id);
+        for (k, key) in agent.api_keys.iter().enumerate() {
+            match key_owner.get(key.as_str()) {
+                Some(&owner) if owner != id => problems.add(
+                    format_args!("agents[{i}].api_keys[{k}]"),
+                    format!("also used by agent {owner:?}"),
+                ),
+                _ => {
+                    key_owner.insert(key, id);
+                }
+            }
+        }
+    }
+    raw.into_iter()
+        .enumerate()
+        .filter_map(|(i, agent)| validate_agent(i, agent, sip, problems))
+        .collect()
+}
+
+fn validate_agent(
+    i: usize,
+    raw: RawAgent,
+    sip: &SipConfig,
+    problems: &mut Problems,
+) -> Option<AgentConfig> {
+    let before = problems.0.len();
+    let key = |name: &str| format!("agents[{i}].{name}");
+
+    let id = raw.id.unwrap_or_default();
+    if id.is_empty() {
+        problems.add(key("id"), "missing");
+    } else if id.len() > ID_MAX || !id.bytes().all(is_id_byte) {
+        problems.add(
+            key("id"),
+            format!(
+                "{id:?} must be 1 to {ID_MAX} letters, digits or \"-_.~:@+\" (it appears in URLs)"
+            ),
+        );
+    }
+
+    if raw.api_keys.is_empty() {
+        problems.add(key("api_keys"), "at least one key");
+    }
+    for (k, api_key) in raw.api_keys.iter().enumerate() {
+        if api_key.is_empty()
+            || api_key.len() > KEY_MAX
+            || !api_key.bytes().all(|b| b.is_ascii_graphic())
+        {
+            problems.add(
+                format_args!("agents[{i}].api_keys[{k}]"),
+                format!("must be 1 to {KEY_MAX} visible ASCII characters, without spaces"),
+            );
+        }
+    }
+
+    let region_text = raw.default_region.as_deref().unwrap_or("US");
+    let region = parse_region(region_text);
+    if region.is_none() {
+        problems.add(
+            key("default_region"),
+            format!("{region_text:?} is not a region code (ISO 3166 alpha-2, such as \"US\")"),
+        );
+    }
+
+    let mut numbers = Vec::with_capacity(raw.numbers.len());
+    // Without a region the numbers cannot be read; that problem is reported already.
+    if let Some(region) = region {
+        for (n, text) in raw.numbers.iter().enumerate() {
+            match number::normalise(text, region) {
+                Ok(e164) => numbers.push(e164.0),
+                Err(_) => problems.add(
+                    format_args!("agents[{i}].numbers[{n}]"),
+                    format!("{text:?} is not a phone number"),
+                ),
+            }
+        }
+    }
+
+    let upstream_uri = match raw.upstream {
+        None => {
+            problems.add(key("upstream"), "missing (sip:HOST:PORT;transport=udp|tcp)");
+            None
+        }
+        Some(RawUpstream::One(uri)) => Some(uri),
+        // A one-entry list is the same as one URI; fail-over lists come later.
+        Some(RawUpstream::Many(uris)) => match <[String; 1]>::try_from(uris) {
+            Ok([uri]) => Some(uri),
+            Err(_) => {
+                problems.add(
+                    key("upstream"),
+                    "a list of several upstreams is not supported by this build yet; give one URI",
+                );
+                None
+            }
+        },
+    };
+    let upstream = upstream_uri.and_then(|uri| match Upstream::parse(&uri) {
+        Ok(upstream) => Some(upstream),
+        Err(message) => {
+            problems.add(key("upstream"), message);
+            None
+        }
+    });
+
+    let fallback_wait_ms = raw.fallback_wait_ms.unwrap_or(2000);
+    if fallback_wait_ms > FALLBACK_WAIT_MS_MAX {
+        problems.add(
+            key("fallback_wait_ms"),
+            in_range(fallback_wait_ms, &(0..=FALLBACK_WAIT_MS_MAX)),
+        );
+    }
+
+    let mut defaults = raw.defaults.unwrap_or_default();
+    for (field, value) in defaults.iter_mut() {
+        if field.is_empty() {
+            problems.add(key("defaults"), "a field name is empty");
+        }
+        from_toml_json(value, &format!("agents[{i}].defaults.{field}"), problems);
+    }
+
+    let inject = validate_inject(&key("inject"), raw.inject.unwrap_or_default(), problems);
+
+    let caller_sources = match raw.caller_sources {
+        Some(texts) => caller_sources(&texts, &key("caller_sources"), problems),
+        None => sip.caller_sources.clone(),
+    };
+
+    if problems.0.len() != before {
+        return None;
+    }
+    Some(AgentConfig {
+        id,
+        api_keys: raw.api_keys,
+        numbers,
+        upstream: upstream?,
+        default_region: region?,
+        fallback_wait: Duration::from_millis(fallback_wait_ms),
+        defaults,
+        inject,
+        caller_sources,
+    })
+}
+
+fn validate_inject(key: &str, raw: RawInject, problems: &mut Problems) -> InjectConfig {
+    match raw.mode.as_deref() {
+        None | Some("headers") => {}
+        Some(mode @ ("json" | "http" | "both")) => problems.add(
+            format_args!("{key}.mode"),
+            format!("{mode:?} is not supported by this build yet (use \"headers\")"),
+        ),
+        Some(other) => problems.add(
+            format_args!("{key}.mode"),
+            format!("{other:?} is not \"headers\", \"json\", \"http\" or \"both\""),
+        ),
+    }
+    let defaults = InjectConfig::default();
+    let prefix = raw.prefix.unwrap_or(defaults.prefix);
+    if !inject::is_token(&prefix) {
+        problems.add(
+            format_args!("{key}.prefix"),
+            format!("{prefix:?} is not a SIP token (letters, digits and -.!%*_+`'~)"),
+        );
+    }
+    let max_bytes = raw.max_bytes.unwrap_or(1024);
+    if max_bytes > INJECT_BYTES_MAX {
+        problems.add(
+            format_args!("{key}.max_bytes"),
+            in_range(max_bytes, &(0..=INJECT_BYTES_MAX)),
+        );
+    }
+    InjectConfig {
+        mode: InjectMode::Headers,
+        prefix,
+        max_bytes: usize::try_from(max_bytes).unwrap_or(defaults.max_bytes),
+    }
+}
+
+fn caller_sources(texts: &[String], key: &str, problems: &mut Problems) -> Vec<CallerSource> {
+    if texts.is_empty() {
+        problems.add(key, "at least one of \"pai\", \"from\"");
+    }
+    let mut sources = Vec::with_capacity(texts.len());
+    for (i, text) in texts.iter().enumerate() {
+        if text.eq_ignore_ascii_case("pai") {
+            sources.push(CallerSource::Pai);
+        } else if text.eq_ignore_ascii_case("from") {
+            sources.push(CallerSource::From);
+        } else {
+            problems.add(
+                format_args!("{key}[{i}]"),
+                format!("{text:?} is not \"pai\" or \"from\""),
+            );
+        }
+    }
+    sources
+}
+
+/// A region code (`US`, `gb`) that phonenumber has metadata for. phonenumber panics when
+/// asked to parse a national number in a region it has no metadata for, so such a region
+/// must never reach [`number::normalise`].
+fn parse_region(text: &str) -> Option<Region> {
+    let region = Region::from_str(&text.to_ascii_uppercase()).ok()?;
+    phonenumber::metadata::DATABASE
+        .by_id(region.as_ref())
+        .map(|_| region)
+}
+
+fn is_id_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-_.~:@+".contains(&b)
+}
+
+fn in_range(value: u64, range: &std::ops::RangeInclusive<u64>) -> String {
+    format!(
+        "{value} is not between {} and {}",
+        range.start(),
+        range.end()
+    )
+}
+
+/// TOML values that JSON has no word for, read through serde into JSON: a datetime
+/// arrives as `{"$__toml_private_datetime": "…"}` and becomes its text; `nan` and `inf`
+/// arrive as `null` (TOML has no null) and are an error.
+fn from_toml_json(value: &mut Value, key: &str, problems: &mut Problems) {
+    const DATETIME: &str = "$__toml_private_datetime";
+    match value {
+        Value::Null => problems.add(key, "nan and inf have no JSON form"),
+        Value::Object(map) if map.len() == 1 && map.contains_key(DATETIME) => {
+            if let Some(text) = map.remove(DATETIME) {
+                *value = text;
+            }
+        }
+        Value::Object(map) => {
+            for (field, inner) in map.iter_mut() {
+                from_toml_json(inner, &format!("{key}.{field}"), problems);
+            }
+        }
+        Value::Array(items) => {
+            for (n, inner) in items.iter_mut().enumerate() {
+                from_toml_json(inner, &format!("{key}[{n}]"), problems);
+            }
+        }
+        Value::Bool(_) | Value::Number(_) | Value::String(_) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BUNDLED: &str = include_str!("../config/precall.toml");
+
+    const MINIMAL: &str = r#"
+[[agents]]
+id = "a"
+api_keys = ["k"]
+upstream = "sip:127.0.0.1:5070"
+"#;
+
+    fn problems(text: &str) -> Vec<String> {
+        match Config::from_toml_str(text) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems,
+        }
+    }
+
+    /// Asserts that `text` fails with exactly one problem, which starts with `want`.
+    #[track_caller]
+    fn fails_with(text: &str, want: &str) {
+        let got = problems(text);
+        assert!(
+            got.len() == 1 && got[0].starts_with(want),
+            "want one problem starting {want:?}, got {got:#?}"
+        );
+    }
+
+    /// MINIMAL with `extra` added to its agent table.
+    fn agent_with(extra: &str) -> String {
+        format!("{MINIMAL}{extra}\n")
+    }
+
+    #[test]
+    fn bundled_config_is_valid_and_matches_the_design() {
+        let cfg = Config::from_toml_str(BUNDLED).unwrap();
+        assert_eq!(
+            cfg.sip
+                .listen
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["udp:127.0.0.1:5060", "tcp:127.0.0.1:5060"]
+        );
+        assert_eq!(
+            cfg.sip.trusted_peers,
+            ["127.0.0.0/8".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(cfg.sip.default_agent.as_deref(), Some("support-agent"));
+        assert_eq!(cfg.http.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(cfg.http.max_body_bytes, 16384);
+        assert_eq!(cfg.store.backend, StoreBackend::Memory);
+        assert_eq!(cfg.store.ttl, Duration::from_secs(300));
+        assert!(cfg.store.consume);
+        assert_eq!(cfg.agents.len(), 1);
+        let agent = &cfg.agents[0];
+        assert_eq!(agent.id, "support-agent");
+        assert_eq!(agent.api_keys, ["dev-key-change-me"]);
+        assert_eq!(agent.numbers, ["+15550100"]);
+        assert_eq!(agent.upstream.uri, "sip:127.0.0.1:5070;transport=udp");
+        assert_eq!(agent.upstream.transport, Transport::Udp);
+        assert_eq!(agent.upstream.addr, "127.0.0.1:5070".parse().unwrap());
+        assert_eq!(agent.default_region, Region::US);
+        assert_eq!(agent.fallback_wait, Duration::from_millis(2000));
+        assert_eq!(
+            agent.defaults.get("customer_name"),
+            Some(&Value::from("there"))
+        );
+        assert_eq!(agent.inject, InjectConfig::default());
+        assert_eq!(
+            agent.caller_sources,
+            [CallerSource::Pai, CallerSource::From]
+        );
+    }
+
+    #[test]
+    fn bundled_second_agent_example_is_valid() {
+        let start = BUNDLED.find("# [[agents]]").unwrap();
+        let uncommented: String = BUNDLED[start..]
+            .lines()
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let cfg = Config::from_toml_str(&format!("{BUNDLED}\n{uncommented}")).unwrap();
+        let uk = cfg.agent("sales-uk").unwrap();
+        assert_eq!(uk.numbers, ["+442079460958"]);
+        assert_eq!(uk.upstream.transport, Transport::Tcp);
+        assert_eq!(uk.default_region, Region::GB);
+    }
+
+    #[test]
+    fn defaults_when_keys_are_left_out() {
+        let cfg = Config::from_toml_str(MINIMAL).unwrap();
+        assert_eq!(cfg.sip.listen.len(), 2);
+        assert!(cfg.sip.trusted_peers.is_empty());
+        assert_eq!(cfg.sip.default_agent, None);
+        assert_eq!(
+            cfg.sip.caller_sources,
+            [CallerSource::Pai, CallerSource::From]
+        );
+        assert!(cfg.sip.record_route);
+        assert_eq!(cfg.sip.t1, Duration::from_millis(500));
+        assert_eq!(cfg.sip.max_message_bytes, 65535);
+        assert_eq!(cfg.http.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(cfg.http.max_body_bytes, 16384);
+        assert_eq!(cfg.store.ttl, Duration::from_secs(300));
+        assert!(cfg.store.consume);
+        let a = &cfg.agents[0];
+        assert!(a.numbers.is_empty());
+        assert_eq!(a.upstream.addr, "127.0.0.1:5070".parse().unwrap());
+        assert_eq!(a.upstream.transport, Transport::Udp);
+        assert_eq!(a.default_region, Region::US);
+        assert_eq!(a.fallback_wait, Duration::from_millis(2000));
+        assert!(a.defaults.is_empty());
+        assert_eq!(a.inject, InjectConfig::default());
+    }
+
+    #[test]
+    fn agent_caller_sources_override_sip_ones() {
+        let cfg = Config::from_toml_str(&format!(
+            "[sip]\ncaller_sources = [\"from\"]\n{MINIMAL}caller_sources = [\"PAI\"]\n\
+             [[agents]]\nid = \"b\"\napi_keys = [\"k2\"]\nupstream = \"sip:127.0.0.1\"\n"
+        ))
+        .unwrap();
+        assert_eq!(cfg.sip.caller_sources, [CallerSource::From]);
+        assert_eq!(cfg.agents[0].caller_sources, [CallerSource::Pai]);
+        assert_eq!(cfg.agents[1].caller_sources, [CallerSource::From]);
+        assert_eq!(cfg.agents[1].upstream.addr.port(), 5060);
+    }
+
+    #[test]
+    fn later_feature_keys_are_accepted() {
+        let text = format!(
+            "[sip]\ndrain_secs = 30\n[store]\nurl = \"redis://127.0.0.1:6379/0\"\nkey_prefix = \"precall\"\n{MINIMAL}"
+        );
+        assert!(Config::from_toml_str(&text).is_ok());
+        fails_with(
+            &format!("[store]\nurl = \"http://x\"\n{MINIMAL}"),
+            "store.url: \"http://x\" is not a redis:// or rediss:// URL",
+        );
+        fails_with(
+            &format!("[store]\nkey_prefix = \"a b\"\n{MINIMAL}"),
+            "store.key_prefix:",
+        );
+        fails_with(
+            &format!("[sip]\ndrain_secs = 99999\n{MINIMAL}"),
+            "sip.drain_secs:",
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_syntax_errors_give_line_and_column() {
+        fails_with(
+            &format!("[sip]\nlisen = []\n{MINIMAL}"),
+            "line 2, column 1: unknown field `lisen`",
+        );
+        fails_with(
+            &agent_with("upstrem = \"x\""),
+            "line 6, column 1: unknown field `upstrem`",
+        );
+        fails_with(
+            &agent_with("inject = { mode = \"headers\", prefx = \"X-\" }"),
+            "line 6, column",
+        );
+        fails_with("[sip\n", "line 1, column 5: invalid table header; expected");
+        fails_with(
+            "[[agents]]\nid = \"a\"\napi_keys = [\"k\"]\nupstream = 5\n",
+            "line 4, column 12: expected a URI string such as",
+        );
+        let got = problems(&format!("[store]\nttl_secs = \"300\"\n{MINIMAL}"));
+        assert!(
+            got[0].starts_with("line 2, column 12: invalid type"),
+            "{got:?}"
+        );
+        assert!(got[0].ends_with("(`ttl_secs = \"300\"`)"), "{got:?}");
+        fails_with(&agent_with("fallback_wait_ms = -1"), "line 6, column 20:");
+    }
+
+    #[test]
+    fn listen_problems_name_the_index() {
+        fails_with(
+            &format!("[sip]\nlisten = [\"udp:1.2.3.4:5060\", \"sctp:1.2.3.4:5060\"]\n{MINIMAL}"),
+            "sip.listen[1]: \"sctp:1.2.3.4:5060\" is not udp:ADDR:PORT or tcp:ADDR:PORT",
+        );
+        fails_with(
+            &format!("[sip]\nlisten = [\"udp:localhost:5060\"]\n{MINIMAL}"),
+            "sip.listen[0]:",
+        );
+        fails_with(
+            &format!("[sip]\nlisten = []\n{MINIMAL}"),
+            "sip.listen: at least one",
+        );
+        fails_with(
+            &format!("[sip]\nlisten = [\"udp:127.0.0.1:5060\", \"UDP:127.0.0.1:5060\"]\n{MINIMAL}"),
+            "sip.listen[1]: \"UDP:127.0.0.1:5060\" is listed twice",
+        );
+        let cfg = Config::from_toml_str(&format!(
+            "[sip]\nlisten = [\"udp:127.0.0.1:0\", \"udp:127.0.0.1:0\", \"tcp:[::1]:5060\"]\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(cfg.sip.listen.len(), 3);
+        assert_eq!(cfg.sip.listen[2].to_string(), "tcp:[::1]:5060");
+    }
+
+    #[test]
+    fn sip_value_problems() {
+        fails_with(
+            &format!("[sip]\ntrusted_peers = [\"10.0.0.0/8\", \"nope\"]\n{MINIMAL}"),
+            "sip.trusted_peers[1]: \"nope\" is not an IP address or network",
+        );
+        let cfg = Config::from_toml_str(&format!(
+            "[sip]\ntrusted_peers = [\"192.0.2.7\", \"10.1.2.3/8\"]\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(cfg.sip.trusted_peers[0].to_string(), "192.0.2.7/32");
+        assert_eq!(cfg.sip.trusted_peers[1].to_string(), "10.0.0.0/8");
+        fails_with(
+            &format!("[sip]\ncaller_sources = [\"from\", \"to\"]\n{MINIMAL}"),
+            "sip.caller_sources[1]: \"to\" is not \"pai\" or \"from\"",
+        );
+        fails_with(
+            &format!("[sip]\ncaller_sources = []\n{MINIMAL}"),
+            "sip.caller_sources: at least",
+        );
+        fails_with(
+            &format!("[sip]\nt1_ms = 0\n{MINIMAL}"),
+            "sip.t1_ms: 0 is not between 1 and",
+        );
+        fails_with(
+            &format!("[sip]\nmax_message_bytes = 70000\n{MINIMAL}"),
+            "sip.max_message_bytes: 70000 is not between 256 and 65535",
+        );
+        fails_with(
+            &format!("[sip]\ndefault_agent = \"z\"\n{MINIMAL}"),
+            "sip.default_agent: no agent \"z\"",
+        );
+    }
+
+    #[test]
+    fn http_and_store_problems() {
+        fails_with(
+            &format!("[http]\nlisten = \"localhost\"\n{MINIMAL}"),
+            "http.listen: \"localhost\" is not",
+        );
+        fails_with(
+            &format!("[http]\nmax_body_bytes = 1\n{MINIMAL}"),
+            "http.max_body_bytes:",
+        );
+        fails_with(
+            &format!("[store]\nbackend = \"redis\"\n{MINIMAL}"),
+            "store.backend: \"redis\" is not supported by this build yet",
+        );
+        fails_with(
+            &format!("[store]\nbackend = \"etcd\"\n{MINIMAL}"),
+            "store.backend: \"etcd\" is not",
+        );
+        fails_with(
+            &format!("[store]\nttl_secs = 0\n{MINIMAL}"),
+            "store.ttl_secs: must be at least 1",
+        );
+    }
+
+    #[test]
+    fn agent_problems_name_the_key() {
+        fails_with("", "agents: at least one");
+        fails_with(
+            &format!("{MINIMAL}[[agents]]\nid = \"a\"\napi_keys = [\"k2\"]\nupstream = \"sip:127.0.0.1\"\n"),
+            "agents[1].id: duplicate \"a\"",
+        );
+        fails_with(
+            &format!("{MINIMAL}[[agents]]\nid = \"y\"\napi_keys = [\"k3\", \"k\"]\nupstream = \"sip:127.0.0.1\"\n"),
+            "agents[1].api_keys[1]: also used by agent \"a\"",
+        );
+        fails_with(
+            "[[agents]]\nid = \"a\"\nupstream = \"sip:127.0.0.1\"\n",
+            "agents[0].api_keys: at least one key",
+        );
+        fails_with(
+            &agent_with("numbers = [\"+15550100\", \"555-0101\", \"abc\"]"),
+            "agents[0].numbers[2]: \"abc\" is not a phone number",
+        );
+        fails_with(
+            &agent_with("default_region = \"XX\""),
+            "agents[0].default_region: \"XX\" is not a region code",
+        );
+        fails_with(
+            &agent_with("fallback_wait_ms = 600000"),
+            "agents[0].fallback_wait_ms:",
+        );
+        fails_with(
+            &agent_with("inject = { prefix = \"X Precall\" }"),
+            "agents[0].inject.prefix: \"X Precall\" is not a SIP token",
+        );
+        fails_with(
+            &agent_with("inject = { prefix = \"\" }"),
+            "agents[0].inject.prefix:",
+        );
+        fails_with(
+            &agent_with("inject = { mode = \"json\" }"),
+            "agents[0].inject.mode: \"json\" is not supported by this build yet",
+        );
+        fails_with(
+            &agent_with("inject = { mode = \"xml\" }"),
+            "agents[0].inject.mode: \"xml\" is not",
+        );
+        fails_with(
+            &agent_with("inject = { max_bytes = 100000 }"),
+            "agents[0].inject.max_bytes:",
+        );
+        fails_with(
+            &agent_with("caller_sources = [\"via\"]"),
+            "agents[0].caller_sources[0]: \"via\"",
+        );
+        fails_with(
+            "[[agents]]\napi_keys = [\"k\"]\nupstream = \"sip:127.0.0.1\"\n",
+            "agents[0].id: missing",
+        );
+        fails_with(
+            "[[agents]]\nid = \"a b\"\napi_keys = [\"k\"]\nupstream = \"sip:127.0.0.1\"\n",
+            "agents[0].id: \"a b\" must be",
+        );
+        fails_with(
+            "[[agents]]\nid = \"a\"\napi_keys = [\"k\"]\n",
+            "agents[0].upstream: missing",
+        );
+        fails_with(
+            "[[agents]]\nid = \"a\"\napi_keys = [\"a key\"]\nupstream = \"sip:127.0.0.1\"\n",
+            "agents[0].api_keys[0]: must be",
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"
+[sip]
+listen = ["sctp:1.2.3.4:5060"]
+default_agent = "z"
+[store]
+ttl_secs = 0
+[[agents]]
+id = "a"
+api_keys = []
+numbers = ["abc"]
+upstream = "http://x"
+[[agents]]
+id = "a"
+api_keys = ["k"]
+upstream = "sip:127.0.0.1"
+"#;
+        let got = problems(text);
+        assert_eq!(
+            got,
+            [
+                "sip.listen[0]: \"sctp:1.2.3.4:5060\" is not udp:ADDR:PORT or tcp:ADDR:PORT",
+                "store.ttl_secs: must be at least 1",
+                "sip.default_agent: no agent \"z\"",
+                "agents[1].id: duplicate \"a\"",
+                "agents[0].api_keys: at least one key",
+                "agents[0].numbers[0]: \"abc\" is not a phone number",
+                "agents[0].upstream: \"http://x\" is not sip:HOST[:PORT][;transport=udp|tcp]",
+            ]
+        );
+        // ConfigError's Display is one problem per line, for `precall check`.
+        let err = Config::from_toml_str(text).unwrap_err();
+        assert_eq!(err.to_string().lines().count(), 7);
+    }
+
+    #[test]
+    fn upstream_forms() {
+        let ok = |uri: &str| Upstream::parse(uri).unwrap();
+        let u = ok("sip:127.0.0.1:5070;transport=tcp");
+        assert_eq!(
+            (u.transport, u.addr),
+            (Transport::Tcp, "127.0.0.1:5070".parse().unwrap())
+        );
+        let u = ok("SIP:10.0.0.5;transport=UDP;lr");
+        assert_eq!(
+            (u.transport, u.addr),
+            (Transport::Udp, "10.0.0.5:5060".parse().unwrap())
+        );
+        assert_eq!(ok("sip:[::1]:5080").addr, "[::1]:5080".parse().unwrap());
+        assert_eq!(ok("sip:[::1]").addr, "[::1]:5060".parse().unwrap());
+        assert!(ok("sip:localhost:5070").addr.ip().is_loopback());
+        for bad in [
+            "127.0.0.1:5070",
+            "sip:",
+            "sip:127.0.0.1:0",
+            "sip:127.0.0.1:99999",
+            "sip:127.0.0.1:x",
+            "sip:127.0.0.1;transport=sctp",
+            "sip:127.0.0.1;transprot=tcp",
+            "sip:agent@127.0.0.1",
+            "sip:[::1",
+            "sip:[nothost]:5060",
+            "sip:host name",
+            "sip:no-such-host.invalid",
+            "sips:127.0.0.1",
+        ] {
+            assert!(Upstream::parse(bad).is_err(), "{bad:?}");
+        }
+        let cfg = Config::from_toml_str(&MINIMAL.replace(
+            "upstream = \"sip:127.0.0.1:5070\"",
+            "upstream = [\"sip:127.0.0.1:5071\"]",
+        ))
+        .unwrap();
+        assert_eq!(cfg.agents[0].upstream.addr.port(), 5071);
+        fails_with(
+            &MINIMAL.replace(
+                "upstream = \"sip:127.0.0.1:5070\"",
+                "upstream = [\"sip:127.0.0.1:5071\", \"sip:127.0.0.1:5072\"]",
+            ),
+            "agents[0].upstream: a list of several upstreams is not supported by this build yet",
+        );
+    }
+
+    #[test]
+    fn numbers_are_normalised_with_the_agent_region() {
+        let cfg = Config::from_toml_str(&agent_with(
+            "numbers = [\"020 7946 0958\", \"tel:+1-415-555-0123\"]\ndefault_region = \"gb\"",
+        ))
+        .unwrap();
+        assert_eq!(cfg.agents[0].numbers, ["+442079460958", "+14155550123"]);
+        assert_eq!(cfg.agents[0].default_region, Region::GB);
+    }
+
+    #[test]
+    fn defaults_keep_file_order_and_json_types() {
+        let cfg = Config::from_toml_str(&agent_with(
+            "[agents.defaults]\nzeta = \"z\"\nalpha = 1\nmid = true\nlist = [1.5, \"x\"]\n\
+             nested = { b = 2, a = 1 }\nwhen = 1979-05-27T07:32:00Z",
+        ))
+        .unwrap();
+        let d = &cfg.agents[0].defaults;
+        assert_eq!(
+            d.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["zeta", "alpha", "mid", "list", "nested", "when"]
+        );
+        assert_eq!(
+            Value::Object(d.clone()).to_string(),
+            r#"{"zeta":"z","alpha":1,"mid":true,"list":[1.5,"x"],"nested":{"b":2,"a":1},"when":"1979-05-27T07:32:00Z"}"#
+        );
+        fails_with(
+            &agent_with("defaults = { x = nan }"),
+            "agents[0].defaults.x: nan and inf",
+        );
+        fails_with(
+            &agent_with("defaults = { x = [inf] }"),
+            "agents[0].defaults.x[0]: nan and inf",
+        );
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let err = Config::load(Path::new("/nonexistent/precall.toml")).unwrap_err();
+        assert!(
+            err.problems[0].starts_with("/nonexistent/precall.toml: "),
+            "{err}"
+        );
     }
 }
