@@ -224,7 +224,7 @@ fn forwarded_hit(p: &mut Proxy, t0: Instant, branch: &str) -> Transmit {
 fn invite_gets_100_and_a_lookup_for_the_normalised_caller() {
     let mut p = proxy();
     let t0 = Instant::now();
-    p.handle_datagram(t0, carrier(), invite("z9hG4bKa", "+1 (415) 555-0123", "+15550100"));
+    p.handle_datagram(t0, carrier(), invite("z9hG4bKa", "+1-415-555-0123", "+15550100"));
     let outs = drain(&mut p);
     let t = transmits(&outs);
     assert_eq!(t.len(), 1, "only the 100 goes out while held");
