@@ -28,7 +28,8 @@ fn main() -> ExitCode {
 fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run { config, .. } => {
-            let cfg = Config::load(&config).with_context(|| format!("config {}", config.display()))?;
+            let cfg =
+                Config::load(&config).with_context(|| format!("config {}", config.display()))?;
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();
@@ -38,8 +39,17 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Check { config } => precall::cli::check(&config),
-        Command::Curl { config, agent, phone } => precall::cli::curl(&config, &agent, phone.as_deref()),
-        Command::Send { config, agent, phone, fields } => {
+        Command::Curl {
+            config,
+            agent,
+            phone,
+        } => precall::cli::curl(&config, &agent, phone.as_deref()),
+        Command::Send {
+            config,
+            agent,
+            phone,
+            fields,
+        } => {
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             runtime.block_on(precall::cli::send(&config, &agent, &phone, &fields))
         }
@@ -64,14 +74,15 @@ async fn cancel_on_signal(token: CancellationToken) {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                token.cancel();
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    token.cancel();
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -82,11 +82,19 @@ pub enum Output {
     Transmit(Transmit),
     /// Find the context for `key` (see `store::Contexts::claim`), answer with
     /// [`Proxy::handle_context`] (or [`Proxy::handle_lookup_failed`]).
-    Lookup { hold: HoldId, key: CallerKey },
+    Lookup {
+        hold: HoldId,
+        key: CallerKey,
+    },
     /// The held call no longer waits (fallback, CANCEL): drop its watch.
-    CancelLookup { hold: HoldId },
+    CancelLookup {
+        hold: HoldId,
+    },
     /// A context reached a call that no longer waited: put it back so it is not lost.
-    Restore { key: CallerKey, ctx: Context },
+    Restore {
+        key: CallerKey,
+        ctx: Context,
+    },
 }
 
 /// How a context reached a held call.
@@ -377,7 +385,10 @@ impl Proxy {
         if let Some(&id) = self.by_server.get(&key) {
             // A retransmission: re-send whatever we last said (§17.2.1).
             if let Some(call) = self.calls.get(&id) {
-                if matches!(call.server, ServerState::Proceeding | ServerState::Completed) {
+                if matches!(
+                    call.server,
+                    ServerState::Proceeding | ServerState::Completed
+                ) {
                     let t = call.reply_target(call.last_response.clone());
                     self.out.push_back(Output::Transmit(t));
                 }
@@ -438,7 +449,8 @@ impl Proxy {
             logged: false,
             deadlines: [None; 7],
         };
-        self.out.push_back(Output::Transmit(call.reply_target(trying)));
+        self.out
+            .push_back(Output::Transmit(call.reply_target(trying)));
         let fallback_wait = agent.fallback_wait;
         let hold_key = call.caller_key();
         call.hold = hold_key.clone();
@@ -557,7 +569,11 @@ impl Proxy {
         let target = match target {
             Some((addr, transport, secure)) => Some((
                 addr,
-                transport.unwrap_or(if secure { Transport::Tcp } else { Transport::Udp }),
+                transport.unwrap_or(if secure {
+                    Transport::Tcp
+                } else {
+                    Transport::Udp
+                }),
             )),
             None => self.route_without_route_set(&msg),
         };
@@ -573,7 +589,10 @@ impl Proxy {
         let branch = transaction::stateless_branch(
             self.seed,
             &[
-                msg.top_via().and_then(|v| v.branch).unwrap_or("").as_bytes(),
+                msg.top_via()
+                    .and_then(|v| v.branch)
+                    .unwrap_or("")
+                    .as_bytes(),
                 msg.call_id().unwrap_or_default(),
                 msg.header(HeaderName::CSeq).unwrap_or_default(),
             ],
@@ -610,7 +629,9 @@ impl Proxy {
     }
 
     fn answer_options(&mut self, msg: &Message, from: &Peer) {
-        let mut resp = self.build_response(msg, from, 200, "OK", Some("pcopt")).to_vec();
+        let mut resp = self
+            .build_response(msg, from, 200, "OK", Some("pcopt"))
+            .to_vec();
         // splice Allow/Accept before the final CRLF of the header section
         let at = resp.len().saturating_sub(2);
         resp.splice(
@@ -780,7 +801,8 @@ impl Proxy {
                 }
             }
             Timer::G => {
-                if call.server == ServerState::Completed && call.source.transport == Transport::Udp {
+                if call.server == ServerState::Completed && call.source.transport == Transport::Udp
+                {
                     let t = call.reply_target(call.last_response.clone());
                     self.out.push_back(Output::Transmit(t));
                     call.g_interval = self.timers.next_g(call.g_interval);
@@ -826,13 +848,20 @@ impl Proxy {
     }
 
     /// Forwards the held INVITE to the agent's upstream with the context injected.
-    fn forward_invite(&mut self, now: Instant, id: u64, status: Status, ctx: Option<&Map<String, Value>>) {
+    fn forward_invite(
+        &mut self,
+        now: Instant,
+        id: u64,
+        status: Status,
+        ctx: Option<&Map<String, Value>>,
+    ) {
         let Some(call) = self.calls.get_mut(&id) else {
             return;
         };
         call.hold = None;
         call.deadlines[timer_index(Timer::Fallback)] = None;
-        let wait_ms = u64::try_from(now.saturating_duration_since(call.arrived).as_millis()).unwrap_or(u64::MAX);
+        let wait_ms = u64::try_from(now.saturating_duration_since(call.arrived).as_millis())
+            .unwrap_or(u64::MAX);
         call.settled = Some((status, wait_ms));
         let agents = Arc::clone(&call.agents);
         let Some(agent) = agents.config.agents.get(call.agent) else {
@@ -846,7 +875,15 @@ impl Proxy {
             return;
         };
         let popped = self.leading_local_routes(&call.invite);
-        let bytes = self.forwarded_bytes(&call.invite, &call.source, listener, &branch, popped, self.record_route, &headers);
+        let bytes = self.forwarded_bytes(
+            &call.invite,
+            &call.source,
+            listener,
+            &branch,
+            popped,
+            self.record_route,
+            &headers,
+        );
         let target = Transmit {
             transport: agent.upstream.transport,
             to: agent.upstream.addr,
@@ -964,7 +1001,8 @@ impl Proxy {
         let Some(call) = self.calls.get(&id) else {
             return;
         };
-        let bytes = self.build_response(&call.invite, &call.source, code, reason, Some(&call.to_tag));
+        let bytes =
+            self.build_response(&call.invite, &call.source, code, reason, Some(&call.to_tag));
         self.send_bytes_final_to_caller(now, id, bytes);
     }
 
@@ -1051,11 +1089,20 @@ impl Proxy {
 
     /// A response to `req` built by us: its Vias (the top one with `received`/`rport`),
     /// From, To (with `to_tag` added when it has none and this is not a 100), Call-ID, CSeq.
-    fn build_response(&self, req: &Message, source: &Peer, code: u16, reason: &str, to_tag: Option<&str>) -> Bytes {
+    fn build_response(
+        &self,
+        req: &Message,
+        source: &Peer,
+        code: u16,
+        reason: &str,
+        to_tag: Option<&str>,
+    ) -> Bytes {
         let mut out = Vec::with_capacity(384);
         out.extend_from_slice(format!("SIP/2.0 {code} {reason}\r\n").as_bytes());
         let top = req.top_via();
-        let top_edit = top.as_ref().and_then(|v| via_with_received(req, v, source).map(|s| (v.range.clone(), s)));
+        let top_edit = top
+            .as_ref()
+            .and_then(|v| via_with_received(req, v, source).map(|s| (v.range.clone(), s)));
         for h in req.headers_named(HeaderName::Via) {
             let line = req.slice(&h.line);
             match &top_edit {
@@ -1067,7 +1114,12 @@ impl Proxy {
                 _ => out.extend_from_slice(line),
             }
         }
-        for name in [HeaderName::From, HeaderName::To, HeaderName::CallId, HeaderName::CSeq] {
+        for name in [
+            HeaderName::From,
+            HeaderName::To,
+            HeaderName::CallId,
+            HeaderName::CSeq,
+        ] {
             if let Some(h) = req.headers_named(name).next() {
                 if name == HeaderName::To && code > 100 && !has_to_tag(req) {
                     if let Some(tag) = to_tag {
@@ -1086,7 +1138,14 @@ impl Proxy {
     }
 
     /// Builds and sends a response to a request we do not keep state for.
-    fn respond(&mut self, req: &Message, from: &Peer, code: u16, reason: &str, to_tag: Option<&str>) {
+    fn respond(
+        &mut self,
+        req: &Message,
+        from: &Peer,
+        code: u16,
+        reason: &str,
+        to_tag: Option<&str>,
+    ) {
         let default_tag = format!("pc{:x}", self.seed & 0xffff);
         let bytes = self.build_response(req, from, code, reason, to_tag.or(Some(&default_tag)));
         let t = reply_target(req.top_via().as_ref(), from, bytes);
@@ -1129,9 +1188,10 @@ impl Proxy {
             return false;
         };
         let port = target.port.unwrap_or(5060);
-        self.listeners
-            .iter()
-            .any(|l| l.addr.port() == port && (l.addr.ip() == ip || (l.addr.ip().is_unspecified() && ip.is_loopback())))
+        self.listeners.iter().any(|l| {
+            l.addr.port() == port
+                && (l.addr.ip() == ip || (l.addr.ip().is_unspecified() && ip.is_loopback()))
+        })
     }
 
     /// A request whose Request-URI is precall itself with no user part.
@@ -1181,7 +1241,10 @@ fn reply_target(via: Option<&Via<'_>>, source: &Peer, bytes: Bytes) -> Transmit 
 /// Where a relayed response goes: the Via's `received` (else host) and `rport` (else port).
 fn via_destination(via: &Via<'_>) -> Option<SocketAddr> {
     let host = via.received.unwrap_or(via.host);
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
     let ip: IpAddr = host.parse().ok()?;
     let port = match via.rport {
         Some(Some(p)) => p,
@@ -1195,7 +1258,11 @@ fn via_destination(via: &Via<'_>) -> Option<SocketAddr> {
 fn via_with_received(msg: &Message, via: &Via<'_>, source: &Peer) -> Option<String> {
     let value = std::str::from_utf8(msg.slice(&via.range)).ok()?;
     let ip = source.addr.ip();
-    let host = via.host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(via.host);
+    let host = via
+        .host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(via.host);
     let same_host = host.parse::<IpAddr>().ok() == Some(ip);
     let wants_rport = via.rport == Some(None);
     if (same_host && !wants_rport) || via.received.is_some() {
@@ -1296,7 +1363,9 @@ fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 }
 
 fn has_to_tag(msg: &Message) -> bool {
-    msg.header_str(HeaderName::To).and_then(uri::tag_of).is_some()
+    msg.header_str(HeaderName::To)
+        .and_then(uri::tag_of)
+        .is_some()
 }
 
 /// The called number: the Request-URI user, else the To user.

@@ -85,10 +85,26 @@ pub fn advertised(bound: SocketAddr, towards: Option<SocketAddr>) -> SocketAddr 
 }
 
 enum Event {
-    Datagram { listener: usize, from: SocketAddr, bytes: Bytes },
-    Stream { listener: usize, conn: ConnId, from: SocketAddr, bytes: Bytes },
-    Context { hold: HoldId, ctx: crate::store::Context, how: Settled },
-    LookupFailed { hold: HoldId, reason: String },
+    Datagram {
+        listener: usize,
+        from: SocketAddr,
+        bytes: Bytes,
+    },
+    Stream {
+        listener: usize,
+        conn: ConnId,
+        from: SocketAddr,
+        bytes: Bytes,
+    },
+    Context {
+        hold: HoldId,
+        ctx: crate::store::Context,
+        how: Settled,
+    },
+    LookupFailed {
+        hold: HoldId,
+        reason: String,
+    },
 }
 
 /// Open TCP connections: by id (for responses on the connection a request came in on)
@@ -163,12 +179,31 @@ pub async fn run(
             while let Some(ev) = immediate.pop_front() {
                 let now = tokio::time::Instant::now().into_std();
                 match ev {
-                    Event::Datagram { listener, from, bytes } => {
-                        let peer = Peer { transport: Transport::Udp, addr: from, conn: None, listener };
+                    Event::Datagram {
+                        listener,
+                        from,
+                        bytes,
+                    } => {
+                        let peer = Peer {
+                            transport: Transport::Udp,
+                            addr: from,
+                            conn: None,
+                            listener,
+                        };
                         proxy.handle_datagram(now, peer, bytes);
                     }
-                    Event::Stream { listener, conn, from, bytes } => {
-                        let peer = Peer { transport: Transport::Tcp, addr: from, conn: Some(conn), listener };
+                    Event::Stream {
+                        listener,
+                        conn,
+                        from,
+                        bytes,
+                    } => {
+                        let peer = Peer {
+                            transport: Transport::Tcp,
+                            addr: from,
+                            conn: Some(conn),
+                            listener,
+                        };
                         proxy.handle_stream_message(now, peer, bytes);
                     }
                     Event::Context { hold, ctx, how } => {
@@ -191,36 +226,62 @@ pub async fn run(
             }
             while let Some(out) = proxy.poll_output() {
                 match out {
-                    Output::Transmit(t) => transmit(&udp, &conns, tcp_listener, &tx, t, max_message_bytes),
+                    Output::Transmit(t) => {
+                        transmit(&udp, &conns, tcp_listener, &tx, t, max_message_bytes)
+                    }
                     Output::Lookup { hold, key } => {
                         let contexts2 = Arc::clone(&contexts);
                         let claim = async move { contexts2.claim(&key).await };
                         let mut claim = Box::pin(claim);
                         match (&mut claim).now_or_never() {
                             Some(Ok(Claim::Hit(ctx))) => {
-                                immediate.push_back(Event::Context { hold, ctx, how: Settled::Cached });
+                                immediate.push_back(Event::Context {
+                                    hold,
+                                    ctx,
+                                    how: Settled::Cached,
+                                });
                             }
                             Some(Ok(Claim::Pending(watch))) => {
                                 let tx = tx.clone();
                                 let task = tokio::spawn(async move {
                                     let ctx = watch.await;
-                                    let _ = tx.send(Event::Context { hold, ctx, how: Settled::Posted }).await;
+                                    let _ = tx
+                                        .send(Event::Context {
+                                            hold,
+                                            ctx,
+                                            how: Settled::Posted,
+                                        })
+                                        .await;
                                 });
                                 waiting.insert(hold, task.abort_handle());
                             }
                             Some(Err(e)) => {
-                                immediate.push_back(Event::LookupFailed { hold, reason: e.to_string() });
+                                immediate.push_back(Event::LookupFailed {
+                                    hold,
+                                    reason: e.to_string(),
+                                });
                             }
                             None => {
                                 let tx = tx.clone();
                                 let task = tokio::spawn(async move {
                                     let ev = match claim.await {
-                                        Ok(Claim::Hit(ctx)) => Event::Context { hold, ctx, how: Settled::Cached },
+                                        Ok(Claim::Hit(ctx)) => Event::Context {
+                                            hold,
+                                            ctx,
+                                            how: Settled::Cached,
+                                        },
                                         Ok(Claim::Pending(watch)) => {
                                             let ctx = watch.await;
-                                            Event::Context { hold, ctx, how: Settled::Posted }
+                                            Event::Context {
+                                                hold,
+                                                ctx,
+                                                how: Settled::Posted,
+                                            }
                                         }
-                                        Err(e) => Event::LookupFailed { hold, reason: e.to_string() },
+                                        Err(e) => Event::LookupFailed {
+                                            hold,
+                                            reason: e.to_string(),
+                                        },
                                     };
                                     let _ = tx.send(ev).await;
                                 });
@@ -297,7 +358,8 @@ fn transmit(
             tokio::spawn(async move {
                 match TcpStream::connect(t.to).await {
                     Ok(stream) => {
-                        let (id, sender) = register(&conns, stream, t.to, listener, tx, max_message_bytes);
+                        let (id, sender) =
+                            register(&conns, stream, t.to, listener, tx, max_message_bytes);
                         debug!(conn = id, to = %t.to, "opened TCP connection");
                         let _ = sender.send(t.bytes);
                     }
@@ -308,7 +370,12 @@ fn transmit(
     }
 }
 
-async fn udp_reader(listener: usize, sock: Arc<UdpSocket>, tx: mpsc::Sender<Event>, shutdown: CancellationToken) {
+async fn udp_reader(
+    listener: usize,
+    sock: Arc<UdpSocket>,
+    tx: mpsc::Sender<Event>,
+    shutdown: CancellationToken,
+) {
     let mut buf = vec![0u8; 65_536];
     loop {
         let received = tokio::select! {
@@ -319,11 +386,22 @@ async fn udp_reader(listener: usize, sock: Arc<UdpSocket>, tx: mpsc::Sender<Even
             Ok((n, from)) => {
                 let Some(data) = buf.get(..n) else { continue };
                 // Keep-alives (CRLF or empty) need no work.
-                if data.iter().all(|b| matches!(b, b'\r' | b'\n' | b' ' | b'\0')) {
+                if data
+                    .iter()
+                    .all(|b| matches!(b, b'\r' | b'\n' | b' ' | b'\0'))
+                {
                     continue;
                 }
                 let bytes = Bytes::copy_from_slice(data);
-                if tx.send(Event::Datagram { listener, from, bytes }).await.is_err() {
+                if tx
+                    .send(Event::Datagram {
+                        listener,
+                        from,
+                        bytes,
+                    })
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -349,7 +427,14 @@ async fn tcp_acceptor(
         match accepted {
             Ok((stream, from)) => {
                 let _ = stream.set_nodelay(true);
-                let (id, _) = register(&conns, stream, from, listener, tx.clone(), max_message_bytes);
+                let (id, _) = register(
+                    &conns,
+                    stream,
+                    from,
+                    listener,
+                    tx.clone(),
+                    max_message_bytes,
+                );
                 debug!(conn = id, peer = %from, "accepted TCP connection");
             }
             Err(error) => {
@@ -399,7 +484,16 @@ fn register(
                     Ok(frame) => {
                         let _ = buf.split_to(frame.skip);
                         let bytes = buf.split_to(frame.len).freeze();
-                        if tx.send(Event::Stream { listener, conn: id, from: peer, bytes }).await.is_err() {
+                        if tx
+                            .send(Event::Stream {
+                                listener,
+                                conn: id,
+                                from: peer,
+                                bytes,
+                            })
+                            .await
+                            .is_err()
+                        {
                             break 'conn;
                         }
                     }

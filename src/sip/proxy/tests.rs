@@ -10,8 +10,8 @@ use serde_json::{json, Value};
 use super::*;
 use crate::agent::Agents;
 use crate::config::{
-    AgentConfig, CallerSource, Config, HttpConfig, InjectConfig, ListenAddr, SipConfig, StoreBackend, StoreConfig,
-    Transport, Upstream,
+    AgentConfig, CallerSource, Config, HttpConfig, InjectConfig, ListenAddr, SipConfig,
+    StoreBackend, StoreConfig, Transport, Upstream,
 };
 use crate::sip::parse::parse_datagram;
 
@@ -29,7 +29,10 @@ fn agent(id: &str, number: &str, upstream: &str, transport: Transport) -> AgentC
         },
         default_region: US,
         fallback_wait: Duration::from_millis(2000),
-        defaults: json!({"customer_name": "there"}).as_object().unwrap().clone(),
+        defaults: json!({"customer_name": "there"})
+            .as_object()
+            .unwrap()
+            .clone(),
         inject: InjectConfig::default(),
         caller_sources: vec![CallerSource::Pai, CallerSource::From],
     }
@@ -65,7 +68,12 @@ fn config() -> Config {
             consume: true,
         },
         agents: vec![
-            agent("support-agent", "+15550100", "127.0.0.1:5070", Transport::Udp),
+            agent(
+                "support-agent",
+                "+15550100",
+                "127.0.0.1:5070",
+                Transport::Udp,
+            ),
             agent("sales-agent", "+15550200", "127.0.0.1:5080", Transport::Tcp),
         ],
     }
@@ -157,7 +165,11 @@ fn answer(request: &[u8], code: u16, reason: &str) -> Bytes {
     for h in &msg.headers {
         if matches!(
             h.name,
-            HeaderName::Via | HeaderName::From | HeaderName::CallId | HeaderName::CSeq | HeaderName::RecordRoute
+            HeaderName::Via
+                | HeaderName::From
+                | HeaderName::CallId
+                | HeaderName::CSeq
+                | HeaderName::RecordRoute
         ) {
             out.push_str(std::str::from_utf8(msg.slice(&h.line)).unwrap());
         }
@@ -213,7 +225,12 @@ fn forwarded_hit(p: &mut Proxy, t0: Instant, branch: &str) -> Transmit {
     p.handle_datagram(t0, carrier(), invite(branch, "+14155550123", "+15550100"));
     let outs = drain(p);
     let (hold, _) = lookup_of(&outs);
-    p.handle_context(t0, hold, ctx(json!({"customer_name": "Ada", "tier": "gold"})), Settled::Cached);
+    p.handle_context(
+        t0,
+        hold,
+        ctx(json!({"customer_name": "Ada", "tier": "gold"})),
+        Settled::Cached,
+    );
     let outs = drain(p);
     let t = transmits(&outs);
     assert_eq!(t.len(), 1);
@@ -224,7 +241,11 @@ fn forwarded_hit(p: &mut Proxy, t0: Instant, branch: &str) -> Transmit {
 fn invite_gets_100_and_a_lookup_for_the_normalised_caller() {
     let mut p = proxy();
     let t0 = Instant::now();
-    p.handle_datagram(t0, carrier(), invite("z9hG4bKa", "+1-415-555-0123", "+15550100"));
+    p.handle_datagram(
+        t0,
+        carrier(),
+        invite("z9hG4bKa", "+1-415-555-0123", "+15550100"),
+    );
     let outs = drain(&mut p);
     let t = transmits(&outs);
     assert_eq!(t.len(), 1, "only the 100 goes out while held");
@@ -273,11 +294,18 @@ fn hit_forwards_with_context_and_rfc3261_edits_only() {
 fn fallback_after_the_agents_wait_with_defaults() {
     let mut p = proxy();
     let t0 = Instant::now();
-    p.handle_datagram(t0, carrier(), invite("z9hG4bKc", "+14155550123", "+15550100"));
+    p.handle_datagram(
+        t0,
+        carrier(),
+        invite("z9hG4bKc", "+14155550123", "+15550100"),
+    );
     let (hold, _) = lookup_of(&drain(&mut p));
     assert_eq!(p.poll_timeout(), Some(t0 + Duration::from_millis(2000)));
     p.handle_timeout(t0 + Duration::from_millis(1999));
-    assert!(transmits(&drain(&mut p)).is_empty(), "nothing before the wait is over");
+    assert!(
+        transmits(&drain(&mut p)).is_empty(),
+        "nothing before the wait is over"
+    );
     p.handle_timeout(t0 + Duration::from_millis(2000));
     let outs = drain(&mut p);
     assert!(outs
@@ -305,7 +333,11 @@ fn fallback_after_the_agents_wait_with_defaults() {
 fn webhook_during_hold_forwards_as_waited() {
     let mut p = proxy();
     let t0 = Instant::now();
-    p.handle_datagram(t0, carrier(), invite("z9hG4bKd", "+14155550123", "+15550100"));
+    p.handle_datagram(
+        t0,
+        carrier(),
+        invite("z9hG4bKd", "+14155550123", "+15550100"),
+    );
     let (hold, _) = lookup_of(&drain(&mut p));
     p.handle_context(
         t0 + Duration::from_millis(350),
@@ -338,7 +370,12 @@ fn retransmitted_invite_while_held_gets_100_and_is_forwarded_once() {
     assert_eq!(t.len(), 1);
     assert_eq!(status_of(t[0]), Some(100));
     assert!(!outs.iter().any(|o| matches!(o, Output::Lookup { .. })));
-    p.handle_context(t0 + Duration::from_millis(600), hold, ctx(json!({})), Settled::Posted);
+    p.handle_context(
+        t0 + Duration::from_millis(600),
+        hold,
+        ctx(json!({})),
+        Settled::Posted,
+    );
     let forwards: Vec<_> = transmits(&drain(&mut p))
         .into_iter()
         .filter(|t| t.bytes.starts_with(b"INVITE"))
@@ -351,7 +388,11 @@ fn retransmitted_invite_while_held_gets_100_and_is_forwarded_once() {
 fn cancel_while_held_answers_200_and_487_and_forwards_nothing() {
     let mut p = proxy();
     let t0 = Instant::now();
-    p.handle_datagram(t0, carrier(), invite("z9hG4bKf", "+14155550123", "+15550100"));
+    p.handle_datagram(
+        t0,
+        carrier(),
+        invite("z9hG4bKf", "+14155550123", "+15550100"),
+    );
     let (hold, _) = lookup_of(&drain(&mut p));
     p.handle_datagram(
         t0 + Duration::from_millis(100),
@@ -367,17 +408,33 @@ fn cancel_while_held_answers_200_and_487_and_forwards_nothing() {
     assert_eq!(codes, vec![200, 487]);
     let r487 = parse_datagram(t[1].bytes.clone(), 65535).unwrap();
     assert_eq!(r487.cseq().unwrap().method, Method::Invite);
-    let to_tag = uri::tag_of(r487.header_str(HeaderName::To).unwrap()).unwrap().to_string();
+    let to_tag = uri::tag_of(r487.header_str(HeaderName::To).unwrap())
+        .unwrap()
+        .to_string();
     // Timer G retransmits the 487 until the ACK
     p.handle_timeout(t0 + Duration::from_millis(600));
     let t = drain(&mut p);
-    assert_eq!(transmits(&t).iter().filter_map(|t| status_of(t)).collect::<Vec<_>>(), vec![487]);
-    p.handle_datagram(t0 + Duration::from_millis(700), carrier(), ack_for_final("z9hG4bKf", &to_tag));
+    assert_eq!(
+        transmits(&t)
+            .iter()
+            .filter_map(|t| status_of(t))
+            .collect::<Vec<_>>(),
+        vec![487]
+    );
+    p.handle_datagram(
+        t0 + Duration::from_millis(700),
+        carrier(),
+        ack_for_final("z9hG4bKf", &to_tag),
+    );
     assert!(transmits(&drain(&mut p)).is_empty(), "the ACK is absorbed");
     // nothing ever reaches the agent, not even at the fallback time
     p.handle_timeout(t0 + Duration::from_secs(40));
     assert!(transmits(&drain(&mut p)).is_empty());
-    assert_eq!(p.calls_in_memory(), 0, "the transaction is gone after linger");
+    assert_eq!(
+        p.calls_in_memory(),
+        0,
+        "the transaction is gone after linger"
+    );
 }
 
 #[test]
@@ -389,7 +446,10 @@ fn provisional_and_2xx_are_relayed_without_our_via() {
     p.handle_datagram(t0, uas_peer(), answer(&fwd.bytes, 100, "Trying"));
     assert!(transmits(&drain(&mut p)).is_empty());
     p.handle_timeout(t0 + Duration::from_millis(600));
-    assert!(transmits(&drain(&mut p)).is_empty(), "no Timer A after a provisional");
+    assert!(
+        transmits(&drain(&mut p)).is_empty(),
+        "no Timer A after a provisional"
+    );
     for (code, reason) in [(180, "Ringing"), (200, "OK")] {
         p.handle_datagram(t0, uas_peer(), answer(&fwd.bytes, code, reason));
         let outs = drain(&mut p);
@@ -427,7 +487,10 @@ fn timer_a_retransmits_and_timer_b_answers_408() {
     assert_eq!(retransmits, 6);
     p.handle_timeout(t0 + Duration::from_secs(32));
     let outs = drain(&mut p);
-    let codes: Vec<_> = transmits(&outs).iter().filter_map(|t| status_of(t)).collect();
+    let codes: Vec<_> = transmits(&outs)
+        .iter()
+        .filter_map(|t| status_of(t))
+        .collect();
     assert_eq!(codes, vec![408]);
 }
 
@@ -444,8 +507,14 @@ fn non_2xx_final_is_acked_upstream_and_relayed() {
     assert_eq!(ack.method(), Some(&Method::Ack));
     assert_eq!(t[0].to, UAS.parse::<SocketAddr>().unwrap());
     let fwd_msg = parse_datagram(fwd.bytes.clone(), 65535).unwrap();
-    assert_eq!(ack.top_via().unwrap().branch, fwd_msg.top_via().unwrap().branch);
-    assert_eq!(uri::tag_of(ack.header_str(HeaderName::To).unwrap()), Some("uas1"));
+    assert_eq!(
+        ack.top_via().unwrap().branch,
+        fwd_msg.top_via().unwrap().branch
+    );
+    assert_eq!(
+        uri::tag_of(ack.header_str(HeaderName::To).unwrap()),
+        Some("uas1")
+    );
     assert_eq!(status_of(t[1]), Some(486));
     // a retransmitted 486 is ACKed again but not relayed again
     p.handle_datagram(t0, uas_peer(), answer(&fwd.bytes, 486, "Busy Here"));
@@ -460,10 +529,18 @@ fn cancel_after_forwarding_goes_upstream_once_ringing() {
     let mut p = proxy();
     let t0 = Instant::now();
     let fwd = forwarded_hit(&mut p, t0, "z9hG4bKj");
-    p.handle_datagram(t0, carrier(), cancel("z9hG4bKj", "+14155550123", "+15550100"));
+    p.handle_datagram(
+        t0,
+        carrier(),
+        cancel("z9hG4bKj", "+14155550123", "+15550100"),
+    );
     let outs = drain(&mut p);
     let t = transmits(&outs);
-    assert_eq!(t.len(), 1, "only the 200 for the CANCEL: no provisional yet");
+    assert_eq!(
+        t.len(),
+        1,
+        "only the 200 for the CANCEL: no provisional yet"
+    );
     assert_eq!(status_of(t[0]), Some(200));
     p.handle_datagram(t0, uas_peer(), answer(&fwd.bytes, 180, "Ringing"));
     let outs = drain(&mut p);
@@ -473,7 +550,10 @@ fn cancel_after_forwarding_goes_upstream_once_ringing() {
         .expect("CANCEL upstream");
     let c = parse_datagram(cancel.bytes.clone(), 65535).unwrap();
     let fwd_msg = parse_datagram(fwd.bytes.clone(), 65535).unwrap();
-    assert_eq!(c.top_via().unwrap().branch, fwd_msg.top_via().unwrap().branch);
+    assert_eq!(
+        c.top_via().unwrap().branch,
+        fwd_msg.top_via().unwrap().branch
+    );
     assert_eq!(c.cseq().unwrap().seq, 1);
     assert_eq!(c.call_id(), fwd_msg.call_id());
 }
@@ -482,15 +562,31 @@ fn cancel_after_forwarding_goes_upstream_once_ringing() {
 fn unknown_called_number_is_404_and_max_forwards_0_is_483() {
     let mut p = proxy();
     let t0 = Instant::now();
-    p.handle_datagram(t0, carrier(), invite("z9hG4bKk", "+14155550123", "+15559999"));
+    p.handle_datagram(
+        t0,
+        carrier(),
+        invite("z9hG4bKk", "+14155550123", "+15559999"),
+    );
     let outs = drain(&mut p);
-    assert_eq!(transmits(&outs).iter().filter_map(|t| status_of(t)).collect::<Vec<_>>(), vec![404]);
+    assert_eq!(
+        transmits(&outs)
+            .iter()
+            .filter_map(|t| status_of(t))
+            .collect::<Vec<_>>(),
+        vec![404]
+    );
     let inv = String::from_utf8(invite("z9hG4bKl", "+14155550123", "+15550100").to_vec())
         .unwrap()
         .replace("Max-Forwards: 70", "Max-Forwards: 0");
     p.handle_datagram(t0, carrier(), Bytes::from(inv));
     let outs = drain(&mut p);
-    assert_eq!(transmits(&outs).iter().filter_map(|t| status_of(t)).collect::<Vec<_>>(), vec![483]);
+    assert_eq!(
+        transmits(&outs)
+            .iter()
+            .filter_map(|t| status_of(t))
+            .collect::<Vec<_>>(),
+        vec![483]
+    );
 }
 
 #[test]
@@ -523,7 +619,13 @@ fn in_dialog_bye_follows_route_and_pops_ours() {
     let t = transmits(&outs);
     assert_eq!(t.len(), 1);
     assert_eq!(t[0].to, UAS.parse::<SocketAddr>().unwrap());
-    assert_eq!(parse_datagram(t[0].bytes.clone(), 65535).unwrap().vias().len(), 1);
+    assert_eq!(
+        parse_datagram(t[0].bytes.clone(), 65535)
+            .unwrap()
+            .vias()
+            .len(),
+        1
+    );
 }
 
 #[test]
@@ -664,7 +766,11 @@ fn anonymous_caller_is_forwarded_at_once_with_defaults() {
 fn tcp_upstream_gets_tcp_via_and_double_record_route() {
     let mut p = proxy();
     let t0 = Instant::now();
-    p.handle_datagram(t0, carrier(), invite("z9hG4bKo", "+14155550123", "+15550200"));
+    p.handle_datagram(
+        t0,
+        carrier(),
+        invite("z9hG4bKo", "+14155550123", "+15550200"),
+    );
     let (hold, key) = lookup_of(&drain(&mut p));
     assert_eq!(key.agent, "sales-agent");
     p.handle_context(t0, hold, ctx(json!({})), Settled::Cached);
