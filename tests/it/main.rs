@@ -1,0 +1,28 @@
+//! End-to-end tests of precall: the real binary (`CARGO_BIN_EXE_precall`) started per test
+//! with its own port-0 config, driven with raw UDP/TCP SIP endpoints, a hand-written HTTP
+//! client for the webhook, and SIPp.
+//!
+//! Every wait is an event with a timeout (a channel receive, a log line, a child's exit);
+//! every test has its own precall process and ports, so cargo runs them in parallel.
+//!
+//! - [`harness`]: the binary, temp dirs, config, the captured log, HTTP.
+//! - [`sipmsg`]: a small SIP reader, independent of precall's parser.
+//! - [`uas`]: raw UAS (the agent) and UAC (the carrier) over UDP and TCP.
+//! - [`sipp`]: SIPp scenarios from `sipp-scenarios/` as child processes.
+//! - [`selftest`]: the tools checked against each other, no precall involved.
+//! - the rest: the behaviours of issue 2, one module per area.
+
+mod harness;
+mod rig;
+mod sipmsg;
+mod sipp;
+mod uas;
+
+mod calls;
+mod cli;
+mod load;
+mod robustness;
+mod selftest;
+mod sipp_flows;
+mod tcp;
+mod webhook;
