@@ -198,6 +198,8 @@ pub struct Proxy {
     max_message_bytes: usize,
     record_route: bool,
     seed: u64,
+    /// Every To tag precall generates starts with this, so an ACK for one is recognised.
+    tag_prefix: String,
     next_id: u64,
     calls: HashMap<u64, Call>,
     by_server: HashMap<ServerKey, u64>,
@@ -218,6 +220,7 @@ impl Proxy {
             agents,
             listeners,
             seed,
+            tag_prefix: format!("pc{:x}", seed & 0xffff_ffff),
             next_id: 1,
             calls: HashMap::new(),
             by_server: HashMap::new(),
@@ -428,7 +431,7 @@ impl Proxy {
         );
         let id = self.next_id;
         self.next_id += 1;
-        let to_tag = format!("pc{:x}{id:x}", self.seed & 0xffff_ffff);
+        let to_tag = format!("{}-{id:x}", self.tag_prefix);
         let trying = self.build_response(&msg, &from, 100, "Trying", None);
         let mut call = Call {
             invite: msg,
@@ -491,6 +494,12 @@ impl Proxy {
                     }
                 }
             }
+        }
+        let to_tag = msg.header_str(HeaderName::To).and_then(uri::tag_of);
+        if to_tag.is_some_and(|t| t.starts_with(self.tag_prefix.as_str())) {
+            // The ACK for a final precall generated itself statelessly (404, 483, ...) or
+            // for a transaction already forgotten: hop by hop, it ends here.
+            return;
         }
         self.forward_stateless(from, msg);
     }
@@ -1146,8 +1155,8 @@ impl Proxy {
         reason: &str,
         to_tag: Option<&str>,
     ) {
-        let default_tag = format!("pc{:x}", self.seed & 0xffff);
-        let bytes = self.build_response(req, from, code, reason, to_tag.or(Some(&default_tag)));
+        let tag = to_tag.unwrap_or(&self.tag_prefix).to_string();
+        let bytes = self.build_response(req, from, code, reason, Some(&tag));
         let t = reply_target(req.top_via().as_ref(), from, bytes);
         self.out.push_back(Output::Transmit(t));
     }

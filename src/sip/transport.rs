@@ -45,8 +45,7 @@ pub async fn bind(listen: &[ListenAddr]) -> io::Result<Vec<(BoundSocket, SocketA
     for l in listen {
         match l.transport {
             Transport::Udp => {
-                let std = StdUdpSocket::bind(l.addr)?;
-                std.set_nonblocking(true)?;
+                let std = bind_udp(l.addr)?;
                 let sock = UdpSocket::from_std(std)?;
                 let addr = sock.local_addr()?;
                 info!("listening for SIP/UDP on {addr}");
@@ -61,6 +60,27 @@ pub async fn bind(listen: &[ListenAddr]) -> io::Result<Vec<(BoundSocket, SocketA
         }
     }
     Ok(out)
+}
+
+/// Socket buffer asked for on UDP listeners: a burst of INVITEs (a carrier failing over,
+/// a SIPp ramp) must queue in the kernel rather than be dropped before the reader runs.
+/// The kernel caps it at `net.core.rmem_max`/`wmem_max`; the size granted is logged.
+const UDP_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
+fn bind_udp(addr: SocketAddr) -> io::Result<StdUdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Best effort: a smaller buffer still works, it only drops sooner under bursts.
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
+    socket.bind(&addr.into())?;
+    socket.set_nonblocking(true)?;
+    debug!(
+        recv_buffer = socket.recv_buffer_size().unwrap_or(0),
+        send_buffer = socket.send_buffer_size().unwrap_or(0),
+        "UDP socket buffers"
+    );
+    Ok(socket.into())
 }
 
 /// The address to advertise in Via/Record-Route for a socket bound to `bound`: itself,

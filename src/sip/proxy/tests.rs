@@ -783,3 +783,25 @@ fn tcp_upstream_gets_tcp_via_and_double_record_route() {
         "Record-Route: <sip:127.0.0.1:5060;transport=tcp;lr>\r\nRecord-Route: <sip:127.0.0.1:5060;transport=udp;lr>\r\n"
     ));
 }
+
+#[test]
+fn ack_for_a_stateless_final_is_absorbed_not_forwarded() {
+    let mut p = proxy();
+    let t0 = Instant::now();
+    let inv = String::from_utf8(invite("z9hG4bKq", "+14155550123", "+15550100").to_vec())
+        .unwrap()
+        .replace("Max-Forwards: 70", "Max-Forwards: 0");
+    p.handle_datagram(t0, carrier(), Bytes::from(inv));
+    let outs = drain(&mut p);
+    let resp = parse_datagram(transmits(&outs)[0].bytes.clone(), 65535).unwrap();
+    assert_eq!(resp.status(), Some(483));
+    let tag = uri::tag_of(resp.header_str(HeaderName::To).unwrap())
+        .unwrap()
+        .to_string();
+    let ack = String::from_utf8(ack_for_final("z9hG4bKq", &tag).to_vec()).unwrap();
+    p.handle_datagram(t0, carrier(), Bytes::from(ack));
+    assert!(
+        transmits(&drain(&mut p)).is_empty(),
+        "the ACK ends at precall"
+    );
+}
