@@ -131,11 +131,15 @@ mod tests {
             id: id.into(),
             api_keys: vec![format!("key-{id}")],
             numbers: numbers.iter().map(|n| n.to_string()).collect(),
-            upstream: Upstream {
+            upstreams: vec![Upstream {
                 uri: "sip:127.0.0.1:5070".into(),
                 transport: Transport::Udp,
                 addr: "127.0.0.1:5070".parse().unwrap(),
-            },
+            }],
+            upstream_timeout: Duration::from_millis(2000),
+            health_check: None,
+            lookup: None,
+            routes: Vec::new(),
             default_region: region,
             fallback_wait: Duration::from_millis(2000),
             defaults: Map::new(),

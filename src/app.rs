@@ -52,7 +52,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
             addr: format!("{:?}", config.sip.listen),
             source,
         })?;
-    let first_upstream = config.agents.first().map(|a| a.upstream.addr);
+    let first_upstream = config
+        .agents
+        .first()
+        .and_then(|a| a.upstreams.first())
+        .map(|u| u.addr);
     let listeners: Vec<Listener> = config
         .sip
         .listen

@@ -213,10 +213,12 @@ fn describe(path: &Path, config: &Config) -> String {
             ("numbers", join(agent.numbers.clone())),
             (
                 "upstream",
-                format!(
-                    "{} ({} {})",
-                    agent.upstream.uri, agent.upstream.transport, agent.upstream.addr
-                ),
+                agent
+                    .upstreams
+                    .iter()
+                    .map(|u| format!("{} ({} {})", u.uri, u.transport, u.addr))
+                    .collect::<Vec<_>>()
+                    .join(", then "),
             ),
             (
                 "fallback wait",
@@ -242,6 +244,9 @@ fn describe(path: &Path, config: &Config) -> String {
                     "{}, prefix {}, max {} bytes",
                     match agent.inject.mode {
                         InjectMode::Headers => "headers",
+                        InjectMode::Json => "json",
+                        InjectMode::Http => "http",
+                        InjectMode::Both => "both",
                     },
                     agent.inject.prefix,
                     agent.inject.max_bytes

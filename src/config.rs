@@ -126,9 +126,28 @@ pub struct Upstream {
     pub addr: SocketAddr,
 }
 
+/// How context reaches the agent (`inject.mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InjectMode {
+    /// One `{prefix}{field}` header per field (v0).
     Headers,
+    /// One `{prefix}Context` header: base64url (no padding) of the compact JSON object.
+    Json,
+    /// POST to `inject.url` before forwarding; the INVITE carries the status headers only.
+    Http,
+    /// Headers and the HTTP POST.
+    Both,
+}
+
+impl InjectMode {
+    /// Whether context fields go into SIP headers one by one.
+    pub fn has_field_headers(self) -> bool {
+        matches!(self, InjectMode::Headers | InjectMode::Both)
+    }
+    /// Whether the context is POSTed to `inject.url` before forwarding.
+    pub fn has_http(self) -> bool {
+        matches!(self, InjectMode::Http | InjectMode::Both)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +157,10 @@ pub struct InjectConfig {
     pub prefix: String,
     /// Upper bound on the bytes of context header lines added (default 1024).
     pub max_bytes: usize,
+    /// `http`/`both`: where the context is POSTed (required for those modes).
+    pub url: Option<String>,
+    /// `http`/`both`: bound on the POST (`timeout_ms`, default 300).
+    pub timeout: Duration,
 }
 
 impl Default for InjectConfig {
@@ -146,7 +169,46 @@ impl Default for InjectConfig {
             mode: InjectMode::Headers,
             prefix: "X-Precall-".to_string(),
             max_bytes: 1024,
+            url: None,
+            timeout: Duration::from_millis(300),
         }
+    }
+}
+
+/// Pull mode: ask an outside system for the context on a miss (`lookup_url`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LookupConfig {
+    pub url: String,
+    /// `lookup_timeout_ms`, default 1000.
+    pub timeout: Duration,
+}
+
+/// Where a matching route sends the call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteTarget {
+    /// `upstream = "sip:..."` or a list: these upstreams instead of the agent's.
+    Upstreams(Vec<Upstream>),
+    /// `agent = "id"`: hand over to that agent (its upstreams and injection).
+    Agent(String),
+    /// Neither: stay with this agent, only `set` fields are added.
+    Stay,
+}
+
+/// One `[[agents.routes]]` entry, validated (its `when` compiles).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteConfig {
+    pub name: Option<String>,
+    /// CEL over the context fields plus `caller`, `called`, `agent`, `status`.
+    pub when: String,
+    pub target: RouteTarget,
+    /// Extra fields injected like context.
+    pub set: Map<String, Value>,
+}
+
+impl RouteConfig {
+    /// What `X-Precall-Route` carries: the name, else the index.
+    pub fn label(&self, index: usize) -> String {
+        self.name.clone().unwrap_or_else(|| index.to_string())
     }
 }
 
@@ -156,7 +218,16 @@ pub struct AgentConfig {
     pub api_keys: Vec<String>,
     /// Called numbers this agent serves, normalised to E.164 with `default_region`.
     pub numbers: Vec<String>,
-    pub upstream: Upstream,
+    /// `upstream`: one URI or a list, tried in order on failure (never empty).
+    pub upstreams: Vec<Upstream>,
+    /// `upstream_timeout_ms` (default 2000): no provisional by then → the next upstream.
+    pub upstream_timeout: Duration,
+    /// `health_check_secs`: OPTIONS-probe each upstream this often; `None` = off.
+    pub health_check: Option<Duration>,
+    /// `lookup_url` (+ `lookup_timeout_ms`): pull mode.
+    pub lookup: Option<LookupConfig>,
+    /// `[[agents.routes]]`, evaluated in order once the context is settled.
+    pub routes: Vec<RouteConfig>,
     pub default_region: phonenumber::country::Id,
     /// `fallback_wait_ms`, default 2000.
     pub fallback_wait: Duration,
@@ -722,31 +793,30 @@ fn validate_agent(
         }
     }
 
-    let upstream_uri = match raw.upstream {
+    let upstream_uris = match raw.upstream {
         None => {
             problems.add(key("upstream"), "missing (sip:HOST:PORT;transport=udp|tcp)");
-            None
+            Vec::new()
         }
-        Some(RawUpstream::One(uri)) => Some(uri),
-        // A one-entry list is the same as one URI; fail-over lists come later.
-        Some(RawUpstream::Many(uris)) => match <[String; 1]>::try_from(uris) {
-            Ok([uri]) => Some(uri),
-            Err(_) => {
-                problems.add(
-                    key("upstream"),
-                    "a list of several upstreams is not supported by this build yet; give one URI",
-                );
-                None
+        Some(RawUpstream::One(uri)) => vec![uri],
+        Some(RawUpstream::Many(uris)) => {
+            if uris.is_empty() {
+                problems.add(key("upstream"), "an empty list: give at least one URI");
             }
-        },
-    };
-    let upstream = upstream_uri.and_then(|uri| match Upstream::parse(&uri) {
-        Ok(upstream) => Some(upstream),
-        Err(message) => {
-            problems.add(key("upstream"), message);
-            None
+            uris
         }
-    });
+    };
+    let many = upstream_uris.len() > 1;
+    let mut upstreams = Vec::with_capacity(upstream_uris.len());
+    for (n, uri) in upstream_uris.iter().enumerate() {
+        match Upstream::parse(uri) {
+            Ok(upstream) => upstreams.push(upstream),
+            Err(message) if many => {
+                problems.add(format_args!("agents[{i}].upstream[{n}]"), message)
+            }
+            Err(message) => problems.add(key("upstream"), message),
+        }
+    }
 
     let fallback_wait_ms = raw.fallback_wait_ms.unwrap_or(2000);
     if fallback_wait_ms > FALLBACK_WAIT_MS_MAX {
@@ -778,7 +848,11 @@ fn validate_agent(
         id,
         api_keys: raw.api_keys,
         numbers,
-        upstream: upstream?,
+        upstreams,
+        upstream_timeout: Duration::from_millis(2000),
+        health_check: None,
+        lookup: None,
+        routes: Vec::new(),
         default_region: region?,
         fallback_wait: Duration::from_millis(fallback_wait_ms),
         defaults,
@@ -818,6 +892,7 @@ fn validate_inject(key: &str, raw: RawInject, problems: &mut Problems) -> Inject
         mode: InjectMode::Headers,
         prefix,
         max_bytes: usize::try_from(max_bytes).unwrap_or(defaults.max_bytes),
+        ..defaults
     }
 }
 
@@ -950,9 +1025,9 @@ upstream = "sip:127.0.0.1:5070"
         assert_eq!(agent.id, "support-agent");
         assert_eq!(agent.api_keys, ["dev-key-change-me"]);
         assert_eq!(agent.numbers, ["+15550100"]);
-        assert_eq!(agent.upstream.uri, "sip:127.0.0.1:5070;transport=udp");
-        assert_eq!(agent.upstream.transport, Transport::Udp);
-        assert_eq!(agent.upstream.addr, "127.0.0.1:5070".parse().unwrap());
+        assert_eq!(agent.upstreams[0].uri, "sip:127.0.0.1:5070;transport=udp");
+        assert_eq!(agent.upstreams[0].transport, Transport::Udp);
+        assert_eq!(agent.upstreams[0].addr, "127.0.0.1:5070".parse().unwrap());
         assert_eq!(agent.default_region, Region::US);
         assert_eq!(agent.fallback_wait, Duration::from_millis(2000));
         assert_eq!(
@@ -977,7 +1052,7 @@ upstream = "sip:127.0.0.1:5070"
         let cfg = Config::from_toml_str(&format!("{BUNDLED}\n{uncommented}")).unwrap();
         let uk = cfg.agent("sales-uk").unwrap();
         assert_eq!(uk.numbers, ["+442079460958"]);
-        assert_eq!(uk.upstream.transport, Transport::Tcp);
+        assert_eq!(uk.upstreams[0].transport, Transport::Tcp);
         assert_eq!(uk.default_region, Region::GB);
     }
 
@@ -1000,8 +1075,8 @@ upstream = "sip:127.0.0.1:5070"
         assert!(cfg.store.consume);
         let a = &cfg.agents[0];
         assert!(a.numbers.is_empty());
-        assert_eq!(a.upstream.addr, "127.0.0.1:5070".parse().unwrap());
-        assert_eq!(a.upstream.transport, Transport::Udp);
+        assert_eq!(a.upstreams[0].addr, "127.0.0.1:5070".parse().unwrap());
+        assert_eq!(a.upstreams[0].transport, Transport::Udp);
         assert_eq!(a.default_region, Region::US);
         assert_eq!(a.fallback_wait, Duration::from_millis(2000));
         assert!(a.defaults.is_empty());
@@ -1018,7 +1093,7 @@ upstream = "sip:127.0.0.1:5070"
         assert_eq!(cfg.sip.caller_sources, [CallerSource::From]);
         assert_eq!(cfg.agents[0].caller_sources, [CallerSource::Pai]);
         assert_eq!(cfg.agents[1].caller_sources, [CallerSource::From]);
-        assert_eq!(cfg.agents[1].upstream.addr.port(), 5060);
+        assert_eq!(cfg.agents[1].upstreams[0].addr.port(), 5060);
     }
 
     #[test]
@@ -1296,13 +1371,28 @@ upstream = "sip:127.0.0.1"
             "upstream = [\"sip:127.0.0.1:5071\"]",
         ))
         .unwrap();
-        assert_eq!(cfg.agents[0].upstream.addr.port(), 5071);
+        assert_eq!(cfg.agents[0].upstreams[0].addr.port(), 5071);
+        let cfg = Config::from_toml_str(&MINIMAL.replace(
+            "upstream = \"sip:127.0.0.1:5070\"",
+            "upstream = [\"sip:127.0.0.1:5071\", \"sip:127.0.0.1:5072;transport=tcp\"]",
+        ))
+        .unwrap();
+        let ports: Vec<_> = cfg.agents[0]
+            .upstreams
+            .iter()
+            .map(|u| u.addr.port())
+            .collect();
+        assert_eq!(ports, vec![5071, 5072], "a list fails over in order");
         fails_with(
             &MINIMAL.replace(
                 "upstream = \"sip:127.0.0.1:5070\"",
-                "upstream = [\"sip:127.0.0.1:5071\", \"sip:127.0.0.1:5072\"]",
+                "upstream = [\"sip:127.0.0.1:5071\", \"ftp:x\"]",
             ),
-            "agents[0].upstream: a list of several upstreams is not supported by this build yet",
+            "agents[0].upstream[1]:",
+        );
+        fails_with(
+            &MINIMAL.replace("upstream = \"sip:127.0.0.1:5070\"", "upstream = []"),
+            "agents[0].upstream: an empty list",
         );
     }
 

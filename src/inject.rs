@@ -230,6 +230,7 @@ mod tests {
             mode: InjectMode::Headers,
             prefix: "X-Precall-".into(),
             max_bytes,
+            ..InjectConfig::default()
         }
     }
 

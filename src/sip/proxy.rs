@@ -626,7 +626,7 @@ impl Proxy {
                 .config
                 .agents
                 .iter()
-                .map(|a| &a.upstream)
+                .flat_map(|a| &a.upstreams)
                 .find(|u| u.addr == addr)
             {
                 return Some((addr, transport.unwrap_or(up.transport)));
@@ -634,7 +634,8 @@ impl Proxy {
         }
         let called = called_user(msg)?;
         let agent = self.agents.for_called(Some(&called))?;
-        Some((agent.upstream.addr, agent.upstream.transport))
+        let up = agent.upstreams.first()?;
+        Some((up.addr, up.transport))
     }
 
     fn answer_options(&mut self, msg: &Message, from: &Peer) {
@@ -878,7 +879,10 @@ impl Proxy {
         };
         let context = inject::effective_context(&agent.defaults, ctx);
         let headers = inject::render_headers(&agent.inject, status, wait_ms, &context);
-        let listener = self.listener_for(agent.upstream.transport);
+        let Some(upstream) = agent.upstreams.first() else {
+            return;
+        };
+        let listener = self.listener_for(upstream.transport);
         let branch = transaction::stateful_branch(self.seed, id);
         let Some(call) = self.calls.get(&id) else {
             return;
@@ -894,8 +898,8 @@ impl Proxy {
             &headers,
         );
         let target = Transmit {
-            transport: agent.upstream.transport,
-            to: agent.upstream.addr,
+            transport: upstream.transport,
+            to: upstream.addr,
             conn: None,
             listener,
             bytes: Bytes::from(bytes),
@@ -903,7 +907,7 @@ impl Proxy {
         self.out.push_back(Output::Transmit(target.clone()));
         debug!(call_id = %String::from_utf8_lossy(call.invite.call_id().unwrap_or_default()), agent = %agent.id, %status, wait_ms, "forwarded INVITE");
         let t1 = self.timers.t1;
-        let udp = agent.upstream.transport == Transport::Udp;
+        let udp = upstream.transport == Transport::Udp;
         if let Some(call) = self.calls.get_mut(&id) {
             call.client = Some(Client {
                 branch: branch.clone(),

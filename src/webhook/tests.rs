@@ -34,11 +34,15 @@ fn agent(id: &str, keys: &[&str], region: phonenumber::country::Id) -> AgentConf
         id: id.to_string(),
         api_keys: keys.iter().map(|key| key.to_string()).collect(),
         numbers: vec!["+15550100".to_string()],
-        upstream: Upstream {
+        upstreams: vec![Upstream {
             uri: "sip:127.0.0.1:5070;transport=udp".to_string(),
             transport: Transport::Udp,
             addr: SocketAddr::from(([127, 0, 0, 1], 5070)),
-        },
+        }],
+        upstream_timeout: Duration::from_millis(2000),
+        health_check: None,
+        lookup: None,
+        routes: Vec::new(),
         default_region: region,
         fallback_wait: Duration::from_millis(2000),
         defaults,
@@ -678,6 +682,9 @@ async fn the_log_names_agent_and_number_but_never_the_key_or_context_values() {
         .finish();
     // Current-thread runtime: the default subscriber covers the whole request.
     let _guard = tracing::subscriber::set_default(subscriber);
+    // Tests on other threads (no subscriber) may have cached "never" for these
+    // callsites; make them ask again now that this thread has one.
+    tracing::callsite::rebuild_interest_cache();
     let h = Harness::new();
     let secret = r#"{"agentId":"support-agent","phoneNumber":"+14155550123","ssn":"078-05-1120"}"#;
     assert_eq!(

@@ -22,11 +22,15 @@ fn agent(id: &str, number: &str, upstream: &str, transport: Transport) -> AgentC
         id: id.to_string(),
         api_keys: vec![format!("{id}-key")],
         numbers: vec![number.to_string()],
-        upstream: Upstream {
+        upstreams: vec![Upstream {
             uri: format!("sip:{upstream}"),
             transport,
             addr: upstream.parse().unwrap(),
-        },
+        }],
+        upstream_timeout: Duration::from_millis(2000),
+        health_check: None,
+        lookup: None,
+        routes: Vec::new(),
         default_region: US,
         fallback_wait: Duration::from_millis(2000),
         defaults: json!({"customer_name": "there"})
