@@ -49,6 +49,8 @@ pub enum Status {
     Waited,
     /// No context in time (or no caller number): the agent's defaults.
     Fallback,
+    /// The pull look-up (`lookup_url`) answered with context while the call was held.
+    LookedUp,
 }
 
 impl Status {
@@ -57,6 +59,7 @@ impl Status {
             Status::Hit => "hit",
             Status::Waited => "waited",
             Status::Fallback => "fallback",
+            Status::LookedUp => "looked-up",
         }
     }
 }
