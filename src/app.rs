@@ -108,6 +108,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
         listeners,
         contexts,
         config.sip.max_message_bytes,
+        transport::HttpClient::new(256),
         shutdown.clone(),
     )
     .await;

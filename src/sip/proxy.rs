@@ -27,10 +27,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::{Map, Value};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::agent::{self, Agents};
-use crate::config::Transport;
+use crate::config::{AgentConfig, Transport, Upstream};
 use crate::inject::{self, Status};
 use crate::number;
 use crate::store::{CallerKey, Context};
@@ -95,6 +95,36 @@ pub enum Output {
         key: CallerKey,
         ctx: Context,
     },
+    /// POST `body` (JSON) to `url` within `timeout`; answer with
+    /// [`Proxy::handle_http_response`]. Never blocks the core: the call waits meanwhile.
+    Http(HttpCall),
+}
+
+/// An outgoing HTTP call the core asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpCall {
+    pub purpose: HttpPurpose,
+    pub url: String,
+    pub timeout: Duration,
+    pub body: Bytes,
+}
+
+/// What an [`HttpCall`] is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpPurpose {
+    /// `inject.mode = "http"|"both"`: deliver the context before forwarding this call.
+    Deliver { call: u64 },
+    /// `lookup_url`: ask for the context of this held call.
+    Lookup { hold: HoldId },
+}
+
+/// How an [`HttpCall`] ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpAnswer {
+    /// An answer with its status and (size-bounded) body.
+    Status { code: u16, body: Bytes },
+    /// No answer: connection error, timeout, body too large, no concurrency slot.
+    Failed(String),
 }
 
 /// How a context reached a held call.
@@ -112,6 +142,14 @@ pub struct Stats {
     pub parse_errors: u64,
     pub dropped: u64,
     pub held_now: usize,
+    /// Route expressions that failed at run time (missing field, wrong type).
+    pub route_errors: u64,
+    /// Pull look-ups that failed or answered nothing usable.
+    pub lookup_misses: u64,
+    /// HTTP deliveries that failed (the call went on with `Delivery: failed`).
+    pub delivery_failures: u64,
+    /// Attempts abandoned for the next upstream (timeout, 5xx/408, transport error).
+    pub failovers: u64,
 }
 
 /// The server (caller-facing) and client (agent-facing) halves of one INVITE transaction.
@@ -132,9 +170,32 @@ struct Call {
     last_response: Bytes,
     g_interval: Duration,
     client: Option<Client>,
+    /// Earlier attempts (failover): kept so their late non-2xx finals are still ACKed.
+    old_clients: Vec<Client>,
+    /// The called number as matched (E.164 where it parses), for routes and payloads.
+    called: String,
+    /// How the call is forwarded, decided once its context is settled.
+    plan: Option<Plan>,
+    /// Waiting for the HTTP delivery before forwarding.
+    delivering: bool,
     cancel_wanted: bool,
     logged: bool,
-    deadlines: [Option<Instant>; 7],
+    deadlines: [Option<Instant>; TIMERS],
+}
+
+/// The forwarding decision for a settled call: which agent's injection, which upstreams
+/// (in failover order), and the header lines to add.
+struct Plan {
+    /// The agent whose upstreams and injection apply (differs after a hand-over route).
+    agent: usize,
+    upstreams: Vec<Upstream>,
+    /// Index of the next upstream to try.
+    next: usize,
+    /// Attempts made so far (names the branches).
+    attempts: usize,
+    context: Map<String, Value>,
+    route: Option<String>,
+    headers: Bytes,
 }
 
 struct Client {
@@ -168,6 +229,8 @@ impl ServerKey {
     }
 }
 
+const TIMERS: usize = 8;
+
 fn timer_index(t: Timer) -> usize {
     match t {
         Timer::A => 0,
@@ -177,10 +240,11 @@ fn timer_index(t: Timer) -> usize {
         Timer::H => 4,
         Timer::Linger => 5,
         Timer::Fallback => 6,
+        Timer::Failover => 7,
     }
 }
 
-const ALL_TIMERS: [Timer; 7] = [
+const ALL_TIMERS: [Timer; TIMERS] = [
     Timer::A,
     Timer::B,
     Timer::C,
@@ -188,6 +252,7 @@ const ALL_TIMERS: [Timer; 7] = [
     Timer::H,
     Timer::Linger,
     Timer::Fallback,
+    Timer::Failover,
 ];
 
 /// The proxy core.
@@ -207,12 +272,64 @@ pub struct Proxy {
     deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
     out: VecDeque<Output>,
     stats: Stats,
+    health: Health,
+}
+
+/// Upstream liveness from OPTIONS probes (`health_check_secs`). Only probed upstreams
+/// can be down; an unprobed one is always tried.
+#[derive(Default)]
+struct Health {
+    probed: HashMap<(Transport, SocketAddr), Probe>,
+    interval: Option<Duration>,
+    next_probe: Option<Instant>,
+    round: u64,
+    by_branch: HashMap<String, (Transport, SocketAddr)>,
+}
+
+struct Probe {
+    uri: String,
+    up: bool,
+    answered: bool,
+}
+
+impl Health {
+    fn new(agents: &Agents) -> Health {
+        let mut health = Health::default();
+        for agent in &agents.config.agents {
+            let Some(every) = agent.health_check else {
+                continue;
+            };
+            health.interval = Some(health.interval.map_or(every, |i| i.min(every)));
+            let route_upstreams = agent.routes.iter().flat_map(|r| match &r.target {
+                crate::config::RouteTarget::Upstreams(list) => list.as_slice(),
+                _ => &[],
+            });
+            for up in agent.upstreams.iter().chain(route_upstreams) {
+                health
+                    .probed
+                    .entry((up.transport, up.addr))
+                    .or_insert(Probe {
+                        uri: up.uri.clone(),
+                        up: true,
+                        answered: true,
+                    });
+            }
+        }
+        health
+    }
+
+    fn is_down(&self, up: &Upstream) -> bool {
+        self.probed
+            .get(&(up.transport, up.addr))
+            .is_some_and(|p| !p.up)
+    }
 }
 
 impl Proxy {
     /// `seed` makes generated branches and tags unique to this process.
     pub fn new(agents: Arc<Agents>, listeners: Vec<Listener>, seed: u64) -> Proxy {
         let sip = &agents.config.sip;
+        let health = Health::new(&agents);
         Proxy {
             timers: Timers::new(sip.t1),
             max_message_bytes: sip.max_message_bytes,
@@ -228,6 +345,83 @@ impl Proxy {
             deadlines: BinaryHeap::new(),
             out: VecDeque::new(),
             stats: Stats::default(),
+            health,
+        }
+    }
+
+    /// Call once when the shell starts: arms the first health-probe round.
+    pub fn start(&mut self, now: Instant) {
+        if self.health.interval.is_some() {
+            self.health.next_probe = Some(now);
+        }
+    }
+
+    /// One OPTIONS probe round: an upstream whose last probe went unanswered is down,
+    /// every probed upstream gets a new OPTIONS.
+    fn probe_upstreams(&mut self, now: Instant) {
+        let Some(every) = self.health.interval else {
+            return;
+        };
+        self.health.round += 1;
+        let round = self.health.round;
+        self.health.by_branch.clear();
+        let mut sends = Vec::new();
+        for (n, ((transport, addr), probe)) in self.health.probed.iter_mut().enumerate() {
+            if !probe.answered && probe.up {
+                probe.up = false;
+                warn!(upstream = %probe.uri, "upstream down: OPTIONS probe unanswered");
+            }
+            probe.answered = false;
+            let branch = transaction::probe_branch(self.seed, n, round);
+            sends.push((*transport, *addr, branch));
+        }
+        for (transport, addr, branch) in sends {
+            let listener = self.listener_for(transport);
+            let Some(l) = self.listeners.get(listener).copied() else {
+                continue;
+            };
+            let bytes = format!(
+                "OPTIONS sip:{target} SIP/2.0\r\n\
+                 Via: SIP/2.0/{t} {us};branch={branch};rport\r\n\
+                 Max-Forwards: 70\r\n\
+                 From: <sip:precall@{us}>;tag={tag}-probe\r\n\
+                 To: <sip:{target}>\r\n\
+                 Call-ID: {branch}@precall\r\n\
+                 CSeq: {round} OPTIONS\r\n\
+                 Content-Length: 0\r\n\r\n",
+                target = hostport(addr),
+                t = transport.via_name(),
+                us = hostport(l.addr),
+                tag = self.tag_prefix,
+            );
+            self.health.by_branch.insert(branch, (transport, addr));
+            self.out.push_back(Output::Transmit(Transmit {
+                transport,
+                to: addr,
+                conn: None,
+                listener,
+                bytes: Bytes::from(bytes),
+            }));
+        }
+        self.health.next_probe = Some(now + every);
+    }
+
+    /// A response to one of our OPTIONS probes: any answer but `503` means alive.
+    fn on_probe_response(&mut self, key: (Transport, SocketAddr), code: u16) {
+        if code < 200 {
+            return;
+        }
+        if let Some(probe) = self.health.probed.get_mut(&key) {
+            probe.answered = true;
+            let up = code != 503;
+            if up != probe.up {
+                if up {
+                    info!(upstream = %probe.uri, "upstream up: answered OPTIONS");
+                } else {
+                    warn!(upstream = %probe.uri, "upstream down: answered OPTIONS with 503");
+                }
+            }
+            probe.up = up;
         }
     }
 
@@ -256,7 +450,11 @@ impl Proxy {
 
     /// The earliest deadline; call [`Proxy::handle_timeout`] when it passes.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.deadlines.peek().map(|Reverse((at, _))| *at)
+        let call = self.deadlines.peek().map(|Reverse((at, _))| *at);
+        match (call, self.health.next_probe) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// A UDP datagram arrived.
@@ -331,7 +529,7 @@ impl Proxy {
             Settled::Cached => Status::Hit,
             Settled::Posted => Status::Waited,
         };
-        self.forward_invite(now, hold, status, Some(&ctx));
+        self.settle(now, hold, status, Some(&ctx));
     }
 
     /// The look-up for a held call failed (store unreachable): forward at once with the
@@ -339,12 +537,96 @@ impl Proxy {
     pub fn handle_lookup_failed(&mut self, now: Instant, hold: HoldId, reason: &str) {
         if self.calls.get(&hold).is_some_and(|c| c.hold.is_some()) {
             info!(hold, reason, "context look-up failed; falling back");
-            self.forward_invite(now, hold, Status::Fallback, None);
+            self.settle(now, hold, Status::Fallback, None);
+        }
+    }
+
+    /// The answer to an [`Output::Http`].
+    pub fn handle_http_response(&mut self, now: Instant, purpose: HttpPurpose, answer: HttpAnswer) {
+        match purpose {
+            HttpPurpose::Deliver { call } => {
+                if !self.calls.get(&call).is_some_and(|c| c.delivering) {
+                    return; // cancelled meanwhile
+                }
+                let ok = matches!(
+                    answer,
+                    HttpAnswer::Status {
+                        code: 200..=299,
+                        ..
+                    }
+                );
+                if !ok {
+                    self.stats.delivery_failures += 1;
+                    info!(call, answer = ?answer_summary(&answer), "context delivery failed; forwarding anyway");
+                }
+                self.finish_plan(now, call, !ok);
+            }
+            HttpPurpose::Lookup { hold } => {
+                if !self.calls.get(&hold).is_some_and(|c| c.hold.is_some()) {
+                    return; // released by a webhook or the fallback meanwhile
+                }
+                let context = match &answer {
+                    HttpAnswer::Status { code: 200, body } => serde_json::from_slice::<Value>(body)
+                        .ok()
+                        .and_then(|v| match v {
+                            Value::Object(map) => Some(map),
+                            _ => None,
+                        }),
+                    _ => None,
+                };
+                match context {
+                    Some(map) => {
+                        self.out.push_back(Output::CancelLookup { hold });
+                        self.settle(now, hold, Status::LookedUp, Some(&map));
+                    }
+                    // 404/204, an error or a body that is not a JSON object: keep holding.
+                    None => {
+                        self.stats.lookup_misses += 1;
+                        debug!(hold, answer = ?answer_summary(&answer), "look-up gave nothing");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sending to `to` failed at the transport (TCP connect refused or reset): every
+    /// attempt still waiting on that upstream moves to the next one, or gets `503`.
+    pub fn handle_transport_error(&mut self, now: Instant, transport: Transport, to: SocketAddr) {
+        let affected: Vec<u64> = self
+            .calls
+            .iter()
+            .filter(|(_, c)| {
+                c.client.as_ref().is_some_and(|cl| {
+                    cl.state == ClientState::Calling
+                        && cl.target.to == to
+                        && cl.target.transport == transport
+                })
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in affected {
+            if self.has_next_upstream(id) {
+                self.fail_over(now, id, "transport error");
+            } else {
+                if let Some(client) = self.calls.get_mut(&id).and_then(|c| c.client.as_mut()) {
+                    client.state = ClientState::Completed;
+                }
+                if let Some(call) = self.calls.get_mut(&id) {
+                    for t in [Timer::A, Timer::B, Timer::C, Timer::Failover] {
+                        call.deadlines[timer_index(t)] = None;
+                    }
+                }
+                self.send_final_to_caller(now, id, 503, "Service Unavailable");
+                self.log_call(id, "unreachable", 503);
+            }
         }
     }
 
     /// Runs every timer due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.health.next_probe.is_some_and(|at| at <= now) {
+            self.probe_upstreams(now);
+        }
         while let Some(Reverse((at, id))) = self.deadlines.peek().copied() {
             if at > now {
                 break;
@@ -450,7 +732,15 @@ impl Proxy {
             client: None,
             cancel_wanted: false,
             logged: false,
-            deadlines: [None; 7],
+            old_clients: Vec::new(),
+            called: called
+                .as_deref()
+                .and_then(|u| number::normalise_lenient(u, agent.default_region))
+                .map(|n| n.0)
+                .unwrap_or_default(),
+            plan: None,
+            delivering: false,
+            deadlines: [None; TIMERS],
         };
         self.out
             .push_back(Output::Transmit(call.reply_target(trying)));
@@ -462,10 +752,24 @@ impl Proxy {
         match hold_key {
             Some(key) => {
                 self.arm(id, Timer::Fallback, now + fallback_wait);
+                if let Some(lookup) = &agent.lookup {
+                    // Pull mode: ask while holding; a webhook may still win the race.
+                    let body = self
+                        .calls
+                        .get(&id)
+                        .map(|c| lookup_payload(c, &key))
+                        .unwrap_or_default();
+                    self.out.push_back(Output::Http(HttpCall {
+                        purpose: HttpPurpose::Lookup { hold: id },
+                        url: lookup.url.clone(),
+                        timeout: lookup.timeout,
+                        body,
+                    }));
+                }
                 self.out.push_back(Output::Lookup { hold: id, key });
             }
             // No caller number to look up (anonymous): nothing can arrive for it.
-            None => self.forward_invite(now, id, Status::Fallback, None),
+            None => self.settle(now, id, Status::Fallback, None),
         }
     }
 
@@ -528,6 +832,14 @@ impl Proxy {
             // Held: nothing was forwarded, so nothing to cancel upstream.
             call.deadlines[timer_index(Timer::Fallback)] = None;
             self.out.push_back(Output::CancelLookup { hold: id });
+            self.send_final_to_caller(now, id, 487, "Request Terminated");
+            self.log_call(id, "cancelled", 487);
+            return;
+        }
+        if call.client.is_none() {
+            // Settled but not forwarded yet (HTTP delivery in flight): stop here.
+            call.plan = None;
+            call.delivering = false;
             self.send_final_to_caller(now, id, 487, "Request Terminated");
             self.log_call(id, "cancelled", 487);
             return;
@@ -669,6 +981,12 @@ impl Proxy {
             self.stats.dropped += 1;
             return;
         }
+        if let Some(&key) = self.health.by_branch.get(branch) {
+            if let Some(code) = msg.status() {
+                self.on_probe_response(key, code);
+            }
+            return;
+        }
         let id = self.by_client.get(branch).copied();
         match id {
             Some(id) => self.on_upstream_response(now, id, msg),
@@ -709,9 +1027,31 @@ impl Proxy {
         if msg.cseq().is_some_and(|c| c.method == Method::Cancel) {
             return; // the answer to our CANCEL: nothing to relay
         }
+        let branch = msg
+            .top_via()
+            .and_then(|v| v.branch)
+            .unwrap_or("")
+            .to_string();
         let Some(call) = self.calls.get_mut(&id) else {
             return;
         };
+        let is_current = call.client.as_ref().is_some_and(|c| c.branch == branch);
+        if !is_current {
+            // An earlier attempt (we failed over): ACK its non-2xx finals so the upstream
+            // stops retransmitting; relay a 2xx, which must go end to end.
+            match code {
+                300..=699 => {
+                    let to_line = msg.header(HeaderName::To).map(<[u8]>::to_vec);
+                    self.send_ack_upstream(id, &branch, to_line.as_deref());
+                }
+                200..=299 => {
+                    let t = call.reply_target(Bytes::from(strip_top_via(&msg)));
+                    self.out.push_back(Output::Transmit(t));
+                }
+                _ => {}
+            }
+            return;
+        }
         let Some(client) = call.client.as_mut() else {
             return;
         };
@@ -724,8 +1064,9 @@ impl Proxy {
                 if previous == ClientState::Completed {
                     return;
                 }
-                call.deadlines[timer_index(Timer::A)] = None;
-                call.deadlines[timer_index(Timer::B)] = None;
+                for t in [Timer::A, Timer::B, Timer::Failover] {
+                    call.deadlines[timer_index(t)] = None;
+                }
                 let timer_c = now + self.timers.timer_c();
                 self.arm(id, Timer::C, timer_c);
                 let Some(call) = self.calls.get_mut(&id) else {
@@ -745,7 +1086,7 @@ impl Proxy {
             }
             200..=299 => {
                 client.state = ClientState::Completed;
-                for t in [Timer::A, Timer::B, Timer::C] {
+                for t in [Timer::A, Timer::B, Timer::C, Timer::Failover] {
                     call.deadlines[timer_index(t)] = None;
                 }
                 // 2xx (and its retransmissions) go end to end (§16.7, RFC 6026).
@@ -761,19 +1102,40 @@ impl Proxy {
             }
             _ => {
                 client.state = ClientState::Completed;
-                for t in [Timer::A, Timer::B, Timer::C] {
+                for t in [Timer::A, Timer::B, Timer::C, Timer::Failover] {
                     call.deadlines[timer_index(t)] = None;
                 }
+                let cancelled = call.cancel_wanted || call.server != ServerState::Proceeding;
                 // ACK the non-2xx hop by hop (§17.1.1.3), for retransmissions too.
                 let to_line = msg.header(HeaderName::To).map(<[u8]>::to_vec);
-                self.send_ack_upstream(id, to_line.as_deref());
-                if previous != ClientState::Completed {
-                    let relayed = Bytes::from(strip_top_via(&msg));
-                    self.send_bytes_final_to_caller(now, id, relayed);
-                    self.log_call(id, "answered", code);
+                self.send_ack_upstream(id, &branch, to_line.as_deref());
+                if previous == ClientState::Completed {
+                    return;
                 }
+                let failover_code = code == 408 || (500..=599).contains(&code);
+                if failover_code && !cancelled && self.has_next_upstream(id) {
+                    self.fail_over(now, id, &format!("answered {code}"));
+                    return;
+                }
+                if failover_code && self.plan_attempted_several(id) {
+                    // Every upstream failed: the caller learns the service is unavailable.
+                    self.send_final_to_caller(now, id, 503, "Service Unavailable");
+                    self.log_call(id, "upstreams-failed", 503);
+                    return;
+                }
+                let relayed = Bytes::from(strip_top_via(&msg));
+                self.send_bytes_final_to_caller(now, id, relayed);
+                self.log_call(id, "answered", code);
             }
         }
+    }
+
+    /// Whether the call's plan had more than one upstream to try.
+    fn plan_attempted_several(&self, id: u64) -> bool {
+        self.calls
+            .get(&id)
+            .and_then(|c| c.plan.as_ref())
+            .is_some_and(|p| p.upstreams.len() > 1)
     }
 
     // ------------------------------------------------------------------- timers
@@ -794,11 +1156,16 @@ impl Proxy {
                 }
             }
             Timer::B => {
-                if call.client.as_ref().map(|c| c.state) == Some(ClientState::Calling) {
-                    if let Some(client) = call.client.as_mut() {
-                        client.state = ClientState::Completed;
+                let silent = call.client.as_ref().map(|c| c.state) == Some(ClientState::Calling);
+                if silent && self.has_next_upstream(id) {
+                    self.fail_over(now, id, "no answer (Timer B)");
+                } else if silent {
+                    if let Some(call) = self.calls.get_mut(&id) {
+                        if let Some(client) = call.client.as_mut() {
+                            client.state = ClientState::Completed;
+                        }
+                        call.deadlines[timer_index(Timer::A)] = None;
                     }
-                    call.deadlines[timer_index(Timer::A)] = None;
                     self.send_final_to_caller(now, id, 408, "Request Timeout");
                     self.log_call(id, "timeout", 408);
                 }
@@ -827,10 +1194,15 @@ impl Proxy {
                 }
             }
             Timer::Linger => self.remove_call(id),
+            Timer::Failover => {
+                if call.client.as_ref().map(|c| c.state) == Some(ClientState::Calling) {
+                    self.fail_over(now, id, "no provisional within upstream_timeout_ms");
+                }
+            }
             Timer::Fallback => {
                 if call.hold.is_some() {
                     self.out.push_back(Output::CancelLookup { hold: id });
-                    self.forward_invite(now, id, Status::Fallback, None);
+                    self.settle(now, id, Status::Fallback, None);
                 }
             }
         }
@@ -857,14 +1229,10 @@ impl Proxy {
         }
     }
 
-    /// Forwards the held INVITE to the agent's upstream with the context injected.
-    fn forward_invite(
-        &mut self,
-        now: Instant,
-        id: u64,
-        status: Status,
-        ctx: Option<&Map<String, Value>>,
-    ) {
+    /// The call's context is settled (hit, waited, looked-up or fallback): apply the
+    /// agent's routes, then deliver over HTTP first when the injection mode asks for it,
+    /// else forward at once.
+    fn settle(&mut self, now: Instant, id: u64, status: Status, ctx: Option<&Map<String, Value>>) {
         let Some(call) = self.calls.get_mut(&id) else {
             return;
         };
@@ -877,13 +1245,152 @@ impl Proxy {
         let Some(agent) = agents.config.agents.get(call.agent) else {
             return;
         };
-        let context = inject::effective_context(&agent.defaults, ctx);
-        let headers = inject::render_headers(&agent.inject, status, wait_ms, &context);
-        let Some(upstream) = agent.upstreams.first() else {
+        let mut context = inject::effective_context(&agent.defaults, ctx);
+        let caller = call.caller.as_ref().map_or("", |c| c.as_str()).to_string();
+        let called = call.called.clone();
+        let call_agent = call.agent;
+        let (route, plan_agent, upstreams) =
+            self.apply_routes(&agents, call_agent, &mut context, &caller, &called, status);
+        let Some(target) = agents.config.agents.get(plan_agent) else {
             return;
         };
+        let plan = Plan {
+            agent: plan_agent,
+            upstreams,
+            next: 0,
+            attempts: 0,
+            context,
+            route,
+            headers: Bytes::new(),
+        };
+        let delivery = match (&target.inject.url, target.inject.mode.has_http()) {
+            (Some(url), true) => Some((url.clone(), target.inject.timeout)),
+            _ => None,
+        };
+        let Some(call) = self.calls.get_mut(&id) else {
+            return;
+        };
+        match delivery {
+            Some((url, timeout)) => {
+                let body = delivery_payload(call, target, &plan, status, wait_ms);
+                call.plan = Some(plan);
+                call.delivering = true;
+                self.out.push_back(Output::Http(HttpCall {
+                    purpose: HttpPurpose::Deliver { call: id },
+                    url,
+                    timeout,
+                    body,
+                }));
+            }
+            None => {
+                call.plan = Some(plan);
+                self.finish_plan(now, id, false);
+            }
+        }
+    }
+
+    /// Evaluates the agent's `[[agents.routes]]` in order: the first match may add fields,
+    /// send the call to other upstreams or hand it to another agent. Returns the route
+    /// label, the agent whose injection and upstreams apply, and those upstreams.
+    fn apply_routes(
+        &mut self,
+        agents: &Agents,
+        agent_index: usize,
+        context: &mut Map<String, Value>,
+        caller: &str,
+        called: &str,
+        status: Status,
+    ) -> (Option<String>, usize, Vec<Upstream>) {
+        let Some(agent) = agents.config.agents.get(agent_index) else {
+            return (None, agent_index, Vec::new());
+        };
+        let stay = (None, agent_index, agent.upstreams.clone());
+        let _ = (context, caller, called, status);
+        stay
+    }
+
+    /// Renders the header lines for the plan and forwards to the first usable upstream.
+    fn finish_plan(&mut self, now: Instant, id: u64, delivery_failed: bool) {
+        let Some(call) = self.calls.get_mut(&id) else {
+            return;
+        };
+        call.delivering = false;
+        let agents = Arc::clone(&call.agents);
+        let Some((status, wait_ms)) = call.settled else {
+            return;
+        };
+        let Some(plan) = call.plan.as_mut() else {
+            return;
+        };
+        let Some(agent) = agents.config.agents.get(plan.agent) else {
+            return;
+        };
+        let mut extra: Vec<(&str, String)> = Vec::new();
+        if let Some(route) = &plan.route {
+            extra.push(("Route", route.clone()));
+        }
+        if delivery_failed {
+            extra.push(("Delivery", "failed".to_string()));
+        }
+        plan.headers = Bytes::from(render_injection(
+            &agent.inject,
+            status,
+            wait_ms,
+            &plan.context,
+            &extra,
+        ));
+        self.try_next_upstream(now, id);
+    }
+
+    /// Sends the INVITE to the next upstream in the plan that is not known to be down;
+    /// with none left, the caller gets `503`.
+    fn try_next_upstream(&mut self, now: Instant, id: u64) {
+        let Some(call) = self.calls.get_mut(&id) else {
+            return;
+        };
+        if call.server != ServerState::Proceeding {
+            return;
+        }
+        let Some(plan) = call.plan.as_mut() else {
+            return;
+        };
+        let mut chosen = None;
+        while let Some(up) = plan.upstreams.get(plan.next) {
+            plan.next += 1;
+            if self.health.is_down(up) {
+                debug!(upstream = %up.uri, "skipping upstream marked down by health checks");
+                continue;
+            }
+            chosen = Some(up.clone());
+            break;
+        }
+        let Some(upstream) = chosen else {
+            let tried = plan.attempts;
+            self.send_final_to_caller(now, id, 503, "Service Unavailable");
+            self.log_call(
+                id,
+                if tried == 0 {
+                    "no-upstream"
+                } else {
+                    "upstreams-failed"
+                },
+                503,
+            );
+            return;
+        };
+        let attempt = plan.attempts;
+        plan.attempts += 1;
+        let more_left = plan.next < plan.upstreams.len();
+        let plan_agent = plan.agent;
+        let headers = plan.headers.clone();
+        let upstream_timeout = call
+            .agents
+            .config
+            .agents
+            .get(plan_agent)
+            .map_or(Duration::from_secs(2), |a| a.upstream_timeout);
         let listener = self.listener_for(upstream.transport);
-        let branch = transaction::stateful_branch(self.seed, id);
+        let branch = transaction::stateful_branch(self.seed, id, attempt);
         let Some(call) = self.calls.get(&id) else {
             return;
         };
@@ -905,10 +1412,12 @@ impl Proxy {
             bytes: Bytes::from(bytes),
         };
         self.out.push_back(Output::Transmit(target.clone()));
-        debug!(call_id = %String::from_utf8_lossy(call.invite.call_id().unwrap_or_default()), agent = %agent.id, %status, wait_ms, "forwarded INVITE");
+        debug!(upstream = %upstream.uri, attempt, "forwarded INVITE");
         let t1 = self.timers.t1;
-        let udp = upstream.transport == Transport::Udp;
         if let Some(call) = self.calls.get_mut(&id) {
+            if let Some(old) = call.client.take() {
+                call.old_clients.push(old);
+            }
             call.client = Some(Client {
                 branch: branch.clone(),
                 target,
@@ -916,13 +1425,48 @@ impl Proxy {
                 a_interval: t1,
                 popped_routes: popped,
             });
+            for t in [Timer::A, Timer::B, Timer::C, Timer::Failover] {
+                call.deadlines[timer_index(t)] = None;
+            }
         }
         self.by_client.insert(branch, id);
-        if udp {
+        if upstream.transport == Transport::Udp {
             self.arm(id, Timer::A, now + t1);
         }
         let b = now + self.timers.timeout();
         self.arm(id, Timer::B, b);
+        if more_left {
+            self.arm(id, Timer::Failover, now + upstream_timeout);
+        }
+    }
+
+    /// Gives up on the current attempt (no CANCEL is possible before a provisional, and a
+    /// failed final needs none) and tries the next upstream.
+    fn fail_over(&mut self, now: Instant, id: u64, why: &str) {
+        let Some(call) = self.calls.get_mut(&id) else {
+            return;
+        };
+        if let Some(client) = call.client.as_mut() {
+            client.state = ClientState::Completed;
+            info!(upstream = %client.target.to, why, "upstream failed; trying the next");
+        }
+        for t in [Timer::A, Timer::B, Timer::C, Timer::Failover] {
+            call.deadlines[timer_index(t)] = None;
+        }
+        self.stats.failovers += 1;
+        self.try_next_upstream(now, id);
+    }
+
+    /// Whether the plan still has an upstream to try after the current one.
+    fn has_next_upstream(&self, id: u64) -> bool {
+        self.calls
+            .get(&id)
+            .and_then(|c| c.plan.as_ref())
+            .is_some_and(|p| {
+                p.upstreams[p.next.min(p.upstreams.len())..]
+                    .iter()
+                    .any(|u| !self.health.is_down(u))
+            })
     }
 
     /// How many leading Route elements point at us.
@@ -1043,31 +1587,48 @@ impl Proxy {
     /// CANCEL for the forwarded INVITE (§9.1): same Request-URI, Call-ID, From, To,
     /// CSeq number and branch, the same route set.
     fn send_cancel_upstream(&mut self, id: u64) {
-        let Some(bytes) = self.upstream_request(id, b"CANCEL", None) else {
+        let Some(branch) = self
+            .calls
+            .get(&id)
+            .and_then(|c| c.client.as_ref())
+            .map(|c| c.branch.clone())
+        else {
             return;
         };
-        if let Some(client) = self.calls.get(&id).and_then(|c| c.client.as_ref()) {
-            let mut t = client.target.clone();
-            t.bytes = bytes;
-            self.out.push_back(Output::Transmit(t));
-        }
+        self.send_upstream_request(id, &branch, b"CANCEL", None);
     }
 
     /// ACK for a non-2xx final from upstream (§17.1.1.3): To from the response.
-    fn send_ack_upstream(&mut self, id: u64, to: Option<&[u8]>) {
-        let Some(bytes) = self.upstream_request(id, b"ACK", to) else {
+    fn send_ack_upstream(&mut self, id: u64, branch: &str, to: Option<&[u8]>) {
+        self.send_upstream_request(id, branch, b"ACK", to);
+    }
+
+    fn send_upstream_request(&mut self, id: u64, branch: &str, method: &[u8], to: Option<&[u8]>) {
+        let Some(call) = self.calls.get(&id) else {
             return;
         };
-        if let Some(client) = self.calls.get(&id).and_then(|c| c.client.as_ref()) {
+        let client = call
+            .client
+            .iter()
+            .chain(call.old_clients.iter())
+            .find(|c| c.branch == branch);
+        let Some(client) = client else {
+            return;
+        };
+        if let Some(bytes) = self.upstream_request(call, client, method, to) {
             let mut t = client.target.clone();
             t.bytes = bytes;
             self.out.push_back(Output::Transmit(t));
         }
     }
 
-    fn upstream_request(&self, id: u64, method: &[u8], to: Option<&[u8]>) -> Option<Bytes> {
-        let call = self.calls.get(&id)?;
-        let client = call.client.as_ref()?;
+    fn upstream_request(
+        &self,
+        call: &Call,
+        client: &Client,
+        method: &[u8],
+        to: Option<&[u8]>,
+    ) -> Option<Bytes> {
         let inv = &call.invite;
         let listener = self.listeners.get(client.target.listener).copied()?;
         let seq = inv.cseq()?.seq;
@@ -1401,6 +1962,67 @@ fn request_uri_target(msg: &Message) -> Option<(SocketAddr, Option<Transport>, b
         .and_then(|u| std::str::from_utf8(u).ok())
         .and_then(uri::parse_target)?;
     Some((t.socket_addr()?, t.transport, t.secure))
+}
+
+/// The header lines for a call: the injection mode's context headers, then the status
+/// headers and `extra` (`Route`, `Delivery`) under the agent's prefix.
+fn render_injection(
+    cfg: &crate::config::InjectConfig,
+    status: Status,
+    wait_ms: u64,
+    context: &Map<String, Value>,
+    extra: &[(&str, String)],
+) -> Vec<u8> {
+    // Until the mode-aware renderer lands: field headers, then the extras.
+    let mut out = inject::render_headers(cfg, status, wait_ms, context);
+    for (name, value) in extra {
+        let clean: String = value
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        out.extend_from_slice(format!("{}{name}: {}\r\n", cfg.prefix, clean.trim()).as_bytes());
+    }
+    out
+}
+
+/// `inject.mode = "http"`: what the agent's endpoint receives before the INVITE.
+fn delivery_payload(
+    call: &Call,
+    target: &AgentConfig,
+    plan: &Plan,
+    status: Status,
+    wait_ms: u64,
+) -> Bytes {
+    let body = serde_json::json!({
+        "callId": String::from_utf8_lossy(call.invite.call_id().unwrap_or_default()),
+        "agentId": target.id,
+        "caller": call.caller.as_ref().map(|c| c.as_str()),
+        "called": call.called,
+        "status": status.as_str(),
+        "waitMs": wait_ms,
+        "route": plan.route,
+        "context": plan.context,
+    });
+    Bytes::from(body.to_string())
+}
+
+/// `lookup_url`: what the pull look-up sends.
+fn lookup_payload(call: &Call, key: &CallerKey) -> Bytes {
+    let body = serde_json::json!({
+        "agentId": key.agent,
+        "phoneNumber": key.number.as_str(),
+        "calledNumber": call.called,
+        "callId": String::from_utf8_lossy(call.invite.call_id().unwrap_or_default()),
+    });
+    Bytes::from(body.to_string())
+}
+
+/// A short description of an HTTP answer for logs (never the body: it may hold context).
+fn answer_summary(answer: &HttpAnswer) -> String {
+    match answer {
+        HttpAnswer::Status { code, body } => format!("{code} ({} bytes)", body.len()),
+        HttpAnswer::Failed(reason) => reason.clone(),
+    }
 }
 
 #[cfg(test)]

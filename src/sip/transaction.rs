@@ -60,6 +60,9 @@ pub enum Timer {
     Linger,
     /// precall: the agent's `fallback_wait_ms` ran out while holding.
     Fallback,
+    /// precall: no provisional from this upstream within `upstream_timeout_ms` while
+    /// another upstream is left to try.
+    Failover,
 }
 
 /// State of the server side of an INVITE transaction (towards the caller).
@@ -93,9 +96,15 @@ pub const MAGIC_COOKIE: &str = "z9hG4bK";
 /// recognised as answering one of our requests before any table look-up.
 pub const BRANCH_PREFIX: &str = "z9hG4bKpc";
 
-/// A branch for a stateful client transaction: the process seed and the call id.
-pub fn stateful_branch(seed: u64, id: u64) -> String {
-    format!("{BRANCH_PREFIX}{seed:08x}s{id:x}")
+/// A branch for a stateful client transaction: the process seed, the call id and the
+/// attempt (each failover attempt is a new client transaction).
+pub fn stateful_branch(seed: u64, id: u64, attempt: usize) -> String {
+    format!("{BRANCH_PREFIX}{seed:08x}s{id:x}-{attempt}")
+}
+
+/// A branch for an OPTIONS health probe of upstream number `n`, round `round`.
+pub fn probe_branch(seed: u64, n: usize, round: u64) -> String {
+    format!("{BRANCH_PREFIX}{seed:08x}h{n:x}-{round:x}")
 }
 
 /// A branch for a statelessly forwarded request: a hash of the incoming request's own
@@ -130,8 +139,8 @@ mod tests {
 
     #[test]
     fn branches_are_ours_and_stateless_ones_repeat() {
-        let a = stateful_branch(7, 1);
-        let b = stateful_branch(7, 2);
+        let a = stateful_branch(7, 1, 0);
+        let b = stateful_branch(7, 1, 1);
         assert!(a.starts_with(MAGIC_COOKIE) && a.starts_with(BRANCH_PREFIX));
         assert_ne!(a, b);
         let x = stateless_branch(7, &[b"z9hG4bK1", b"call"]);

@@ -28,7 +28,10 @@ use crate::config::{ListenAddr, Transport};
 use crate::store::{Claim, Contexts};
 
 use super::parse::{self, ParseError};
-use super::proxy::{ConnId, HoldId, Listener, Output, Peer, Proxy, Settled, Transmit};
+use super::proxy::{
+    ConnId, HoldId, HttpAnswer, HttpCall, HttpPurpose, Listener, Output, Peer, Proxy, Settled,
+    Transmit,
+};
 
 /// A bound SIP socket, before the loop starts.
 pub enum BoundSocket {
@@ -125,6 +128,90 @@ enum Event {
         hold: HoldId,
         reason: String,
     },
+    Http {
+        purpose: HttpPurpose,
+        answer: HttpAnswer,
+    },
+    TransportError {
+        transport: Transport,
+        to: SocketAddr,
+    },
+}
+
+/// Upper bound on an HTTP answer's body (look-ups): past it the answer counts as failed.
+const HTTP_BODY_MAX: usize = 64 * 1024;
+
+/// Outgoing HTTP for deliveries and look-ups: one shared client, a concurrency bound,
+/// every call with its own timeout. Never awaited by the SIP loop.
+#[derive(Clone)]
+pub struct HttpClient {
+    client: reqwest::Client,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl HttpClient {
+    pub fn new(concurrency: usize) -> HttpClient {
+        HttpClient {
+            client: reqwest::Client::builder()
+                .user_agent(concat!("precall/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .unwrap_or_default(),
+            slots: Arc::new(tokio::sync::Semaphore::new(concurrency.max(1))),
+        }
+    }
+
+    fn spawn(&self, call: HttpCall, tx: mpsc::Sender<Event>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let answer = this.post(&call).await;
+            let _ = tx
+                .send(Event::Http {
+                    purpose: call.purpose,
+                    answer,
+                })
+                .await;
+        });
+    }
+
+    async fn post(&self, call: &HttpCall) -> HttpAnswer {
+        // No slot free: the call is not worth queueing behind others (a look-up answers
+        // "nothing", a delivery counts as failed), so nothing waits unboundedly.
+        let Ok(_permit) = self.slots.try_acquire() else {
+            return HttpAnswer::Failed("too many outgoing HTTP calls".to_string());
+        };
+        let request = self
+            .client
+            .post(&call.url)
+            .header("content-type", "application/json")
+            .timeout(call.timeout)
+            .body(call.body.clone());
+        let work = async {
+            let mut response = request.send().await.map_err(|e| e.to_string())?;
+            let code = response.status().as_u16();
+            if response
+                .content_length()
+                .is_some_and(|n| n > HTTP_BODY_MAX as u64)
+            {
+                return Err(format!("answer body over {HTTP_BODY_MAX} bytes"));
+            }
+            let mut body = BytesMut::new();
+            while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+                if body.len() + chunk.len() > HTTP_BODY_MAX {
+                    return Err(format!("answer body over {HTTP_BODY_MAX} bytes"));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(HttpAnswer::Status {
+                code,
+                body: body.freeze(),
+            })
+        };
+        match tokio::time::timeout(call.timeout, work).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(reason)) => HttpAnswer::Failed(reason),
+            Err(_) => HttpAnswer::Failed("timed out".to_string()),
+        }
+    }
 }
 
 /// Open TCP connections: by id (for responses on the connection a request came in on)
@@ -146,9 +233,11 @@ pub async fn run(
     listeners: Vec<Listener>,
     contexts: Arc<Contexts>,
     max_message_bytes: usize,
+    http: HttpClient,
     shutdown: CancellationToken,
 ) {
     let (tx, mut rx) = mpsc::channel::<Event>(65_536);
+    proxy.start(tokio::time::Instant::now().into_std());
     let conns = Arc::new(Connections::default());
     let mut udp: HashMap<usize, Arc<UdpSocket>> = HashMap::new();
     for (index, (sock, _)) in sockets.into_iter().enumerate() {
@@ -234,6 +323,12 @@ pub async fn run(
                         waiting.remove(&hold);
                         proxy.handle_lookup_failed(now, hold, &reason);
                     }
+                    Event::Http { purpose, answer } => {
+                        proxy.handle_http_response(now, purpose, answer)
+                    }
+                    Event::TransportError { transport, to } => {
+                        proxy.handle_transport_error(now, transport, to)
+                    }
                 }
                 // Take what else is already queued without going back to select!, a
                 // bounded batch so timers are not starved under load.
@@ -314,6 +409,7 @@ pub async fn run(
                             task.abort();
                         }
                     }
+                    Output::Http(call) => http.spawn(call, tx.clone()),
                     Output::Restore { key, ctx } => {
                         let contexts = Arc::clone(&contexts);
                         tokio::spawn(async move {
@@ -383,7 +479,15 @@ fn transmit(
                         debug!(conn = id, to = %t.to, "opened TCP connection");
                         let _ = sender.send(t.bytes);
                     }
-                    Err(error) => warn!(%error, to = %t.to, "TCP connect failed"),
+                    Err(error) => {
+                        warn!(%error, to = %t.to, "TCP connect failed");
+                        let _ = tx
+                            .send(Event::TransportError {
+                                transport: Transport::Tcp,
+                                to: t.to,
+                            })
+                            .await;
+                    }
                 }
             });
         }

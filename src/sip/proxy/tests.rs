@@ -809,3 +809,360 @@ fn ack_for_a_stateless_final_is_absorbed_not_forwarded() {
         "the ACK ends at precall"
     );
 }
+
+// ------------------------------------------------------------ issue 3: failover, pull, http
+
+fn upstream(addr: &str) -> Upstream {
+    Upstream {
+        uri: format!("sip:{addr}"),
+        transport: Transport::Udp,
+        addr: addr.parse().unwrap(),
+    }
+}
+
+/// A proxy whose support agent has the given tweaks.
+fn proxy_with(tweak: impl FnOnce(&mut AgentConfig)) -> Proxy {
+    let mut config = config();
+    tweak(&mut config.agents[0]);
+    let listeners = vec![Listener {
+        transport: Transport::Udp,
+        addr: "127.0.0.1:5060".parse().unwrap(),
+    }];
+    Proxy::new(Arc::new(Agents::new(Arc::new(config))), listeners, 42)
+}
+
+fn two_upstreams(a: &mut AgentConfig) {
+    a.upstreams = vec![upstream("127.0.0.1:5070"), upstream("127.0.0.1:5071")];
+}
+
+fn invites_to(outs: &[Output]) -> Vec<SocketAddr> {
+    transmits(outs)
+        .into_iter()
+        .filter(|t| t.bytes.starts_with(b"INVITE "))
+        .map(|t| t.to)
+        .collect()
+}
+
+fn http_calls(outs: &[Output]) -> Vec<HttpCall> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::Http(c) => Some(c.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_503_fails_over_to_the_next_upstream_and_the_200_comes_back() {
+    let mut p = proxy_with(two_upstreams);
+    let t0 = Instant::now();
+    let first = forwarded_hit(&mut p, t0, "z9hG4bKfo1");
+    assert_eq!(first.to, "127.0.0.1:5070".parse::<SocketAddr>().unwrap());
+    p.handle_datagram(
+        t0,
+        uas_peer(),
+        answer(&first.bytes, 503, "Service Unavailable"),
+    );
+    let outs = drain(&mut p);
+    let t = transmits(&outs);
+    assert!(
+        t[0].bytes.starts_with(b"ACK "),
+        "the 503 is ACKed hop by hop"
+    );
+    assert_eq!(
+        invites_to(&outs),
+        vec!["127.0.0.1:5071".parse::<SocketAddr>().unwrap()]
+    );
+    assert!(
+        t.iter().all(|t| status_of(t).is_none()),
+        "the caller hears nothing of the 503"
+    );
+    let second = t
+        .into_iter()
+        .find(|t| t.bytes.starts_with(b"INVITE "))
+        .unwrap()
+        .clone();
+    let b1 = parse_datagram(first.bytes.clone(), 65535)
+        .unwrap()
+        .top_via()
+        .unwrap()
+        .branch
+        .unwrap()
+        .to_string();
+    let b2 = parse_datagram(second.bytes.clone(), 65535)
+        .unwrap()
+        .top_via()
+        .unwrap()
+        .branch
+        .unwrap()
+        .to_string();
+    assert_ne!(b1, b2, "a new client transaction");
+    p.handle_datagram(t0, uas_peer(), answer(&second.bytes, 200, "OK"));
+    let outs = drain(&mut p);
+    assert_eq!(
+        transmits(&outs)
+            .iter()
+            .filter_map(|t| status_of(t))
+            .collect::<Vec<_>>(),
+        vec![200]
+    );
+    assert_eq!(p.stats().failovers, 1);
+}
+
+#[test]
+fn when_every_upstream_fails_the_caller_gets_503() {
+    let mut p = proxy_with(two_upstreams);
+    let t0 = Instant::now();
+    let first = forwarded_hit(&mut p, t0, "z9hG4bKfo2");
+    p.handle_datagram(t0, uas_peer(), answer(&first.bytes, 500, "Server Error"));
+    let outs = drain(&mut p);
+    let second = transmits(&outs)
+        .into_iter()
+        .find(|t| t.bytes.starts_with(b"INVITE "))
+        .unwrap()
+        .clone();
+    p.handle_datagram(
+        t0,
+        uas_peer(),
+        answer(&second.bytes, 408, "Request Timeout"),
+    );
+    let outs = drain(&mut p);
+    let codes: Vec<_> = transmits(&outs)
+        .iter()
+        .filter_map(|t| status_of(t))
+        .collect();
+    assert_eq!(codes, vec![503]);
+}
+
+#[test]
+fn no_provisional_within_upstream_timeout_moves_on() {
+    let mut p = proxy_with(two_upstreams);
+    let t0 = Instant::now();
+    forwarded_hit(&mut p, t0, "z9hG4bKfo3");
+    p.handle_timeout(t0 + Duration::from_millis(1999));
+    assert!(
+        invites_to(&drain(&mut p)).iter().all(|a| a.port() == 5070),
+        "only retransmissions"
+    );
+    p.handle_timeout(t0 + Duration::from_millis(2000));
+    assert_eq!(
+        invites_to(&drain(&mut p)),
+        vec!["127.0.0.1:5071".parse::<SocketAddr>().unwrap()]
+    );
+    // the last upstream waits for Timer B (408), it has no failover timer
+    p.handle_timeout(t0 + Duration::from_millis(4100));
+    assert!(transmits(&drain(&mut p))
+        .iter()
+        .all(|t| status_of(t).is_none()));
+}
+
+#[test]
+fn a_transport_error_fails_over_or_answers_503() {
+    let mut p = proxy_with(two_upstreams);
+    let t0 = Instant::now();
+    forwarded_hit(&mut p, t0, "z9hG4bKfo4");
+    p.handle_transport_error(t0, Transport::Udp, "127.0.0.1:5070".parse().unwrap());
+    assert_eq!(
+        invites_to(&drain(&mut p)),
+        vec!["127.0.0.1:5071".parse::<SocketAddr>().unwrap()]
+    );
+    p.handle_transport_error(t0, Transport::Udp, "127.0.0.1:5071".parse().unwrap());
+    let outs = drain(&mut p);
+    assert_eq!(
+        transmits(&outs)
+            .iter()
+            .filter_map(|t| status_of(t))
+            .collect::<Vec<_>>(),
+        vec![503]
+    );
+}
+
+#[test]
+fn pull_lookup_answer_releases_the_call_as_looked_up() {
+    let mut p = proxy_with(|a| {
+        a.lookup = Some(crate::config::LookupConfig {
+            url: "http://127.0.0.1:9/lookup".to_string(),
+            timeout: Duration::from_millis(500),
+        })
+    });
+    let t0 = Instant::now();
+    p.handle_datagram(
+        t0,
+        carrier(),
+        invite("z9hG4bKlu1", "+14155550123", "+15550100"),
+    );
+    let outs = drain(&mut p);
+    let calls = http_calls(&outs);
+    assert_eq!(calls.len(), 1);
+    let body: Value = serde_json::from_slice(&calls[0].body).unwrap();
+    assert_eq!(body["agentId"], "support-agent");
+    assert_eq!(body["phoneNumber"], "+14155550123");
+    assert_eq!(body["calledNumber"], "+15550100");
+    assert_eq!(body["callId"], "call-z9hG4bKlu1@test");
+    let HttpPurpose::Lookup { hold } = calls[0].purpose else {
+        panic!("a look-up")
+    };
+    p.handle_http_response(
+        t0 + Duration::from_millis(100),
+        calls[0].purpose,
+        HttpAnswer::Status {
+            code: 200,
+            body: Bytes::from_static(br#"{"customer_name":"Grace"}"#),
+        },
+    );
+    let outs = drain(&mut p);
+    assert!(outs
+        .iter()
+        .any(|o| matches!(o, Output::CancelLookup { hold: h } if *h == hold)));
+    let fwd = text(transmits(&outs)[0]);
+    assert!(fwd.contains("X-Precall-Status: looked-up\r\n"));
+    assert!(fwd.contains("X-Precall-Wait-Ms: 100\r\n"));
+    assert!(fwd.contains("X-Precall-customer_name: Grace\r\n"));
+}
+
+#[test]
+fn pull_lookup_nothing_keeps_holding_until_fallback() {
+    let mut p = proxy_with(|a| {
+        a.lookup = Some(crate::config::LookupConfig {
+            url: "http://127.0.0.1:9/lookup".to_string(),
+            timeout: Duration::from_millis(500),
+        })
+    });
+    let t0 = Instant::now();
+    p.handle_datagram(
+        t0,
+        carrier(),
+        invite("z9hG4bKlu2", "+14155550123", "+15550100"),
+    );
+    let purpose = http_calls(&drain(&mut p))[0].purpose;
+    for answer in [
+        HttpAnswer::Status {
+            code: 404,
+            body: Bytes::new(),
+        },
+        HttpAnswer::Status {
+            code: 200,
+            body: Bytes::from_static(b"not json"),
+        },
+        HttpAnswer::Status {
+            code: 200,
+            body: Bytes::from_static(b"[1,2]"),
+        },
+        HttpAnswer::Failed("timed out".to_string()),
+    ] {
+        p.handle_http_response(t0, purpose, answer);
+        assert!(
+            transmits(&drain(&mut p)).is_empty(),
+            "nothing forwarded early"
+        );
+    }
+    assert_eq!(p.stats().lookup_misses, 4);
+    p.handle_timeout(t0 + Duration::from_millis(2000));
+    assert!(text(transmits(&drain(&mut p))[0]).contains("X-Precall-Status: fallback\r\n"));
+}
+
+fn http_mode(a: &mut AgentConfig) {
+    a.inject.mode = crate::config::InjectMode::Http;
+    a.inject.url = Some("http://127.0.0.1:9/context".to_string());
+}
+
+#[test]
+fn http_delivery_happens_before_the_invite_and_failure_is_flagged() {
+    for (answer, flagged) in [
+        (
+            HttpAnswer::Status {
+                code: 204,
+                body: Bytes::new(),
+            },
+            false,
+        ),
+        (HttpAnswer::Failed("connection refused".to_string()), true),
+    ] {
+        let mut p = proxy_with(http_mode);
+        let t0 = Instant::now();
+        p.handle_datagram(
+            t0,
+            carrier(),
+            invite("z9hG4bKhd1", "+14155550123", "+15550100"),
+        );
+        let (hold, _) = lookup_of(&drain(&mut p));
+        p.handle_context(t0, hold, ctx(json!({"tier": "gold"})), Settled::Cached);
+        let outs = drain(&mut p);
+        assert!(
+            invites_to(&outs).is_empty(),
+            "the INVITE waits for the delivery"
+        );
+        let calls = http_calls(&outs);
+        assert_eq!(calls.len(), 1);
+        let body: Value = serde_json::from_slice(&calls[0].body).unwrap();
+        assert_eq!(body["status"], "hit");
+        assert_eq!(body["context"]["tier"], "gold");
+        assert_eq!(body["caller"], "+14155550123");
+        p.handle_http_response(t0, calls[0].purpose, answer);
+        let outs = drain(&mut p);
+        let fwd = text(transmits(&outs)[0]);
+        assert!(fwd.contains("X-Precall-Status: hit\r\n"));
+        assert_eq!(
+            fwd.contains("X-Precall-Delivery: failed\r\n"),
+            flagged,
+            "{fwd}"
+        );
+    }
+}
+
+#[test]
+fn cancel_during_http_delivery_forwards_nothing() {
+    let mut p = proxy_with(http_mode);
+    let t0 = Instant::now();
+    p.handle_datagram(
+        t0,
+        carrier(),
+        invite("z9hG4bKhd2", "+14155550123", "+15550100"),
+    );
+    let (hold, _) = lookup_of(&drain(&mut p));
+    p.handle_context(t0, hold, ctx(json!({})), Settled::Cached);
+    let purpose = http_calls(&drain(&mut p))[0].purpose;
+    p.handle_datagram(
+        t0,
+        carrier(),
+        cancel("z9hG4bKhd2", "+14155550123", "+15550100"),
+    );
+    let codes: Vec<_> = transmits(&drain(&mut p))
+        .iter()
+        .filter_map(|t| status_of(t))
+        .collect();
+    assert_eq!(codes, vec![200, 487]);
+    p.handle_http_response(
+        t0,
+        purpose,
+        HttpAnswer::Status {
+            code: 200,
+            body: Bytes::new(),
+        },
+    );
+    assert!(invites_to(&drain(&mut p)).is_empty());
+}
+
+#[test]
+fn health_probes_mark_a_silent_upstream_down_and_calls_skip_it() {
+    let mut p = proxy_with(|a| {
+        two_upstreams(a);
+        a.health_check = Some(Duration::from_secs(5));
+    });
+    let t0 = Instant::now();
+    p.start(t0);
+    assert_eq!(p.poll_timeout(), Some(t0));
+    p.handle_timeout(t0);
+    let outs = drain(&mut p);
+    let probes: Vec<_> = transmits(&outs).into_iter().cloned().collect();
+    assert_eq!(probes.len(), 2);
+    assert!(probes.iter().all(|t| t.bytes.starts_with(b"OPTIONS ")));
+    // only 5071 answers
+    let alive = probes.iter().find(|t| t.to.port() == 5071).unwrap();
+    p.handle_datagram(t0, uas_peer(), answer(&alive.bytes, 200, "OK"));
+    assert!(drain(&mut p).is_empty(), "probe answers are not relayed");
+    p.handle_timeout(t0 + Duration::from_secs(5));
+    drain(&mut p);
+    let fwd = forwarded_hit(&mut p, t0 + Duration::from_secs(6), "z9hG4bKhc1");
+    assert_eq!(fwd.to.port(), 5071, "the down upstream is skipped");
+}
