@@ -462,12 +462,15 @@ impl Drop for Precall {
             let _ = child.wait();
         }
         self.log.wait_closed(Duration::from_secs(2));
-        let mut out = std::io::stderr().lock();
-        let _ = writeln!(out, "----- precall log [{}] -----", self.name);
+        // eprint!, not a raw stderr handle: the test harness captures it, so the log shows
+        // only for a failing test (or with --nocapture).
+        let mut out = format!("----- precall log [{}] -----\n", self.name);
         for l in self.log.lines() {
-            let _ = writeln!(out, "{l}");
+            out.push_str(&l);
+            out.push('\n');
         }
-        let _ = writeln!(out, "----- end of precall log [{}] -----", self.name);
+        out.push_str(&format!("----- end of precall log [{}] -----\n", self.name));
+        eprint!("{out}");
     }
 }
 
