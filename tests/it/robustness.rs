@@ -310,3 +310,53 @@ fn malformed_but_addressable_request_gets_400() {
     rig.uac.send(&call3.invite());
     assert_eq!(status_of(&rig.uas.expect_invite(SOON).msg), "hit");
 }
+
+#[test]
+fn oversized_context_is_truncated_to_inject_max_bytes() {
+    let uas = crate::uas::Uas::udp(crate::uas::Answer::Ring200);
+    let mut agent = crate::harness::Agent::new("a", AGENT_A, &uas.uri());
+    agent.inject_max_bytes = 200;
+    let precall =
+        crate::harness::Precall::start("truncate", &crate::harness::Config::new(vec![agent]));
+    let uac = Uac::udp(precall.udp);
+    let caller = "+14155550165";
+    precall.post_ok(
+        "a",
+        caller,
+        json!({ "small": "s", "big": "b".repeat(600), "after": "a" }),
+    );
+    let call = uac.call(caller, AGENT_A);
+    uac.send(&call.invite());
+    let inv = uas.expect_invite(SOON).msg;
+    assert_well_formed_head(&inv);
+    let x = x_precall(&inv);
+    assert_eq!(
+        x.get("Truncated").map(String::as_str),
+        Some("true"),
+        "{x:?}"
+    );
+    assert!(
+        !x.contains_key("big"),
+        "a field over the limit is dropped whole: {x:?}"
+    );
+    assert_eq!(status_of(&inv), "hit");
+    let context_bytes: usize = inv
+        .fields
+        .iter()
+        .filter(|f| f.name.to_ascii_lowercase().starts_with("x-precall-"))
+        .filter(|f| {
+            ![
+                "x-precall-status",
+                "x-precall-wait-ms",
+                "x-precall-truncated",
+            ]
+            .contains(&f.name.to_ascii_lowercase().as_str())
+        })
+        .map(|f| f.line.len() + 2)
+        .sum();
+    assert!(
+        context_bytes <= 200,
+        "context headers take {context_bytes} bytes, max_bytes is 200"
+    );
+    complete_call(&uac, &uas, &call);
+}
