@@ -229,14 +229,11 @@ fn cancel_while_held_gets_200_and_487_and_nothing_is_forwarded() {
     );
     rig.uac.send(&call.ack_non2xx(&terminated));
 
-    // A context arriving after the CANCEL must not resurrect the call.
-    let accepted = rig
-        .precall
+    // A context arriving after the CANCEL must not resurrect the call, nor be lost with
+    // it: the caller's next call gets it. (The 202's `released` is not checked here: a
+    // watch dropped in the same instant may still count, and hands the context back.)
+    rig.precall
         .post_ok("a", caller, json!({ "customer_name": "Late" }));
-    assert_eq!(
-        accepted["released"], 0,
-        "nothing was still held: {accepted}"
-    );
     rig.uas.expect_nothing(
         Duration::from_millis(800),
         "a cancelled call must not be forwarded",
@@ -252,6 +249,18 @@ fn cancel_while_held_gets_200_and_487_and_nothing_is_forwarded() {
         "unexpected after ACK: {:?}",
         extra.map(|m| m.start_line)
     );
+
+    let again = rig.uac.call(caller, AGENT_A);
+    rig.uac.send(&again.invite());
+    let inv = rig.uas.expect_invite(SOON).msg;
+    assert_eq!(inv.call_id(), Some(again.call_id.as_str()));
+    assert_eq!(
+        x_precall(&inv).get("customer_name").map(String::as_str),
+        Some("Late"),
+        "the context posted after the CANCEL serves the next call:\n{}",
+        inv.text()
+    );
+    complete_call(&rig.uac, &rig.uas, &again);
 }
 
 #[test]
@@ -485,7 +494,14 @@ fn max_forwards_zero_gets_483() {
     let too_many = rig
         .uac
         .expect_status(&call.call_id, 483, Some("INVITE"), SOON);
+    if let Some(inv) = rig.uas.recv_request("INVITE", QUIET) {
+        panic!(
+            "an INVITE with Max-Forwards 0 was forwarded:\n{}",
+            inv.msg.text()
+        );
+    }
+    // The ACK for precall's own 483 ends there (hop by hop, RFC 3261 §17.2.1).
     rig.uac.send(&call.ack_non2xx(&too_many));
     rig.uas
-        .expect_nothing(QUIET, "Max-Forwards 0 must not be forwarded");
+        .expect_nothing(QUIET, "the ACK for precall's own 483 must be absorbed");
 }

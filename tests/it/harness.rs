@@ -97,6 +97,8 @@ pub struct Agent {
     pub fallback_wait_ms: u64,
     /// TOML inline-table body for `defaults`, e.g. `customer_name = "there"`.
     pub defaults: String,
+    /// `inject.max_bytes`.
+    pub inject_max_bytes: usize,
 }
 
 impl Agent {
@@ -109,6 +111,7 @@ impl Agent {
             upstream: upstream.to_string(),
             fallback_wait_ms: 10_000,
             defaults: r#"customer_name = "there", tier = "standard""#.to_string(),
+            inject_max_bytes: 1024,
         }
     }
 
@@ -130,6 +133,8 @@ pub struct Config {
     pub default_agent: Option<String>,
     pub consume: bool,
     pub max_body_bytes: usize,
+    /// `sip.trusted_peers` (whose P-Asserted-Identity is believed); loopback by default.
+    pub trusted_peers: Vec<String>,
 }
 
 impl Config {
@@ -139,13 +144,19 @@ impl Config {
             default_agent: None,
             consume: true,
             max_body_bytes: 4096,
+            trusted_peers: vec!["127.0.0.0/8".to_string()],
         }
     }
 
     pub fn to_toml(&self) -> String {
         let mut s = String::new();
         s.push_str("[sip]\nlisten = [\"udp:127.0.0.1:0\", \"tcp:127.0.0.1:0\"]\n");
-        s.push_str("trusted_peers = [\"127.0.0.0/8\"]\n");
+        let peers: Vec<String> = self
+            .trusted_peers
+            .iter()
+            .map(|p| format!("\"{p}\""))
+            .collect();
+        writeln!(s, "trusted_peers = [{}]", peers.join(", ")).unwrap();
         if let Some(d) = &self.default_agent {
             writeln!(s, "default_agent = \"{d}\"").unwrap();
         }
@@ -167,13 +178,14 @@ impl Config {
                 s,
                 "[[agents]]\nid = \"{}\"\napi_keys = [\"{}\"]\nnumbers = [{}]\nupstream = \"{}\"\n\
                  default_region = \"US\"\nfallback_wait_ms = {}\ndefaults = {{ {} }}\n\
-                 inject = {{ mode = \"headers\", prefix = \"X-Precall-\", max_bytes = 1024 }}\n",
+                 inject = {{ mode = \"headers\", prefix = \"X-Precall-\", max_bytes = {} }}\n",
                 a.id,
                 a.api_key,
                 numbers.join(", "),
                 a.upstream,
                 a.fallback_wait_ms,
-                a.defaults
+                a.defaults,
+                a.inject_max_bytes
             )
             .unwrap();
         }
@@ -462,12 +474,15 @@ impl Drop for Precall {
             let _ = child.wait();
         }
         self.log.wait_closed(Duration::from_secs(2));
-        let mut out = std::io::stderr().lock();
-        let _ = writeln!(out, "----- precall log [{}] -----", self.name);
+        // eprint!, not a raw stderr handle: the test harness captures it, so the log shows
+        // only for a failing test (or with --nocapture).
+        let mut out = format!("----- precall log [{}] -----\n", self.name);
         for l in self.log.lines() {
-            let _ = writeln!(out, "{l}");
+            out.push_str(&l);
+            out.push('\n');
         }
-        let _ = writeln!(out, "----- end of precall log [{}] -----", self.name);
+        out.push_str(&format!("----- end of precall log [{}] -----\n", self.name));
+        eprint!("{out}");
     }
 }
 

@@ -22,6 +22,7 @@ mod calls;
 mod cli;
 mod load;
 mod robustness;
+mod routing;
 mod selftest;
 mod sipp_flows;
 mod tcp;

@@ -17,34 +17,26 @@ use crate::uas::{Uac, SDP};
 fn assert_well_formed_head(msg: &SipMsg) {
     let raw = &msg.raw;
     let head_end = find(raw, b"\r\n\r\n").expect("no end of head");
-    let head = &raw[..head_end];
-    for (i, line) in head.split(|&b| b == b'\n').enumerate() {
-        let line = line
-            .strip_suffix(b"\r")
-            .unwrap_or_else(|| panic!("bare LF in line {i}:\n{}", msg.text()));
+    let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
+    for (i, line) in head.split("\r\n").enumerate() {
         assert!(
-            !line.iter().any(|&b| b < 0x20 && b != b'\t' || b == 0x7f),
-            "control character in line {i}: {:?}",
-            String::from_utf8_lossy(line)
+            !line.bytes().any(|b| b < 0x20 && b != b'\t' || b == 0x7f),
+            "bare CR/LF or control character in line {i}: {line:?}\n{}",
+            msg.text()
         );
-        if i == 0 {
+        if i == 0 || line.starts_with(' ') || line.starts_with('\t') {
             continue;
         }
-        let colon = line.iter().position(|&b| b == b':').unwrap_or_else(|| {
-            panic!(
-                "header line without a colon: {:?}\n{}",
-                String::from_utf8_lossy(line),
-                msg.text()
-            )
-        });
-        let name = line[..colon].strip_suffix(b" ").unwrap_or(&line[..colon]);
+        let colon = line
+            .find(':')
+            .unwrap_or_else(|| panic!("header line without a colon: {line:?}\n{}", msg.text()));
+        let name = line[..colon].trim_end();
         assert!(
             !name.is_empty()
                 && name
-                    .iter()
-                    .all(|&b| b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b)),
-            "header name is not a token: {:?}",
-            String::from_utf8_lossy(name)
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b)),
+            "header name is not a token: {name:?}"
         );
     }
     let declared: usize = msg.header("content-length").unwrap().parse().unwrap();
@@ -155,8 +147,25 @@ fn compact_headers_are_forwarded_byte_for_byte() {
             "line not forwarded byte for byte: {line:?}\n{text}"
         );
     }
-    assert!(
-        text.contains(&format!("\r\n{via}\r\n")),
+    // Our Via keeps its compact name and every byte, except the parameters a server
+    // transport adds (RFC 3261 §18.2.1 `received`, RFC 3581 `rport=PORT`).
+    let ours = inv
+        .fields
+        .iter()
+        .find(|f| f.line.contains(&call.branch))
+        .unwrap_or_else(|| panic!("our Via is gone:\n{text}"));
+    let mut restored = String::new();
+    for (i, p) in ours.line.split(';').enumerate() {
+        if p.starts_with("received=") {
+            continue;
+        }
+        if i > 0 {
+            restored.push(';');
+        }
+        restored.push_str(if p.starts_with("rport=") { "rport" } else { p });
+    }
+    assert_eq!(
+        restored, via,
         "our compact Via line must stay as it was:\n{text}"
     );
     assert_eq!(inv.body, SDP.as_bytes());
@@ -300,4 +309,54 @@ fn malformed_but_addressable_request_gets_400() {
         .post_ok("a", "+14155550164", json!({ "k": "v" }));
     rig.uac.send(&call3.invite());
     assert_eq!(status_of(&rig.uas.expect_invite(SOON).msg), "hit");
+}
+
+#[test]
+fn oversized_context_is_truncated_to_inject_max_bytes() {
+    let uas = crate::uas::Uas::udp(crate::uas::Answer::Ring200);
+    let mut agent = crate::harness::Agent::new("a", AGENT_A, &uas.uri());
+    agent.inject_max_bytes = 200;
+    let precall =
+        crate::harness::Precall::start("truncate", &crate::harness::Config::new(vec![agent]));
+    let uac = Uac::udp(precall.udp);
+    let caller = "+14155550165";
+    precall.post_ok(
+        "a",
+        caller,
+        json!({ "small": "s", "big": "b".repeat(600), "after": "a" }),
+    );
+    let call = uac.call(caller, AGENT_A);
+    uac.send(&call.invite());
+    let inv = uas.expect_invite(SOON).msg;
+    assert_well_formed_head(&inv);
+    let x = x_precall(&inv);
+    assert_eq!(
+        x.get("Truncated").map(String::as_str),
+        Some("true"),
+        "{x:?}"
+    );
+    assert!(
+        !x.contains_key("big"),
+        "a field over the limit is dropped whole: {x:?}"
+    );
+    assert_eq!(status_of(&inv), "hit");
+    let context_bytes: usize = inv
+        .fields
+        .iter()
+        .filter(|f| f.name.to_ascii_lowercase().starts_with("x-precall-"))
+        .filter(|f| {
+            ![
+                "x-precall-status",
+                "x-precall-wait-ms",
+                "x-precall-truncated",
+            ]
+            .contains(&f.name.to_ascii_lowercase().as_str())
+        })
+        .map(|f| f.line.len() + 2)
+        .sum();
+    assert!(
+        context_bytes <= 200,
+        "context headers take {context_bytes} bytes, max_bytes is 200"
+    );
+    complete_call(&uac, &uas, &call);
 }

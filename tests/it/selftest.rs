@@ -118,12 +118,12 @@ fn sipp_direct(transport: Transport) {
     );
     // The callers of the CSV went out in the From header, in order.
     assert!(
-        uas.messages.contains("From: <sip:+14155550101@"),
+        uas.messages.contains("From: <sip:+14155550123@"),
         "{}",
         uas.report("uas")
     );
     assert!(
-        uas.messages.contains("From: <sip:+14155550105@"),
+        uas.messages.contains("From: <sip:+14155550127@"),
         "{}",
         uas.report("uas")
     );
