@@ -3,7 +3,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,9 +80,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
         addr: config.http.listen.to_string(),
         source,
     })?;
+    // Every socket is bound: the kernel queues SIP from here on, so readiness holds as
+    // soon as anyone can ask for it.
+    let sip_ready = Arc::new(AtomicBool::new(true));
     info!("listening for HTTP on {http_addr}");
-
-    let sip_ready = Arc::new(AtomicBool::new(false));
     let state = AppState {
         agents: Arc::clone(&agents),
         contexts: Arc::clone(&contexts),
@@ -100,7 +101,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
 
     let seed = random_seed();
     let proxy = Proxy::new(Arc::clone(&agents), listeners.clone(), seed);
-    sip_ready.store(true, Ordering::Release);
     info!(agents = config.agents.len(), "precall ready");
     transport::run(
         proxy,
