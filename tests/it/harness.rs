@@ -99,6 +99,11 @@ pub struct Agent {
     pub defaults: String,
     /// `inject.max_bytes`.
     pub inject_max_bytes: usize,
+    /// Extra keys of the inline `inject` table, e.g. `mode = "json"` (replaces the mode).
+    pub inject_extra: String,
+    /// Raw TOML appended to this agent: more keys first (`upstream_timeout_ms = 500`),
+    /// then sub-tables such as `[[agents.routes]]`.
+    pub extra_toml: String,
 }
 
 impl Agent {
@@ -112,7 +117,28 @@ impl Agent {
             fallback_wait_ms: 10_000,
             defaults: r#"customer_name = "there", tier = "standard""#.to_string(),
             inject_max_bytes: 1024,
+            inject_extra: String::new(),
+            extra_toml: String::new(),
         }
+    }
+
+    /// Another `upstream` value, as TOML (a string or a list).
+    pub fn upstream_toml(mut self, toml_value: &str) -> Agent {
+        self.upstream = format!("\u{0}{toml_value}");
+        self
+    }
+
+    /// Keys for the inline `inject` table, e.g. `mode = "json"`.
+    pub fn inject(mut self, keys: &str) -> Agent {
+        self.inject_extra = keys.to_string();
+        self
+    }
+
+    /// Raw TOML appended after the agent's keys (keys first, then `[[agents.routes]]`).
+    pub fn extra(mut self, toml: &str) -> Agent {
+        self.extra_toml.push_str(toml);
+        self.extra_toml.push('\n');
+        self
     }
 
     pub fn fallback_ms(mut self, ms: u64) -> Agent {
@@ -174,18 +200,40 @@ impl Config {
         .unwrap();
         for a in &self.agents {
             let numbers: Vec<String> = a.numbers.iter().map(|n| format!("\"{n}\"")).collect();
+            // `upstream_toml` marks a raw TOML value with a leading NUL
+            let upstream = match a.upstream.strip_prefix('\u{0}') {
+                Some(raw) => raw.to_string(),
+                None => format!("\"{}\"", a.upstream),
+            };
+            let inject = if a.inject_extra.contains("mode") {
+                format!(
+                    "{}, prefix = \"X-Precall-\", max_bytes = {}",
+                    a.inject_extra, a.inject_max_bytes
+                )
+            } else {
+                format!(
+                    "mode = \"headers\", prefix = \"X-Precall-\", max_bytes = {}",
+                    a.inject_max_bytes
+                )
+            };
+            let (keys, tables) = match a.extra_toml.find("[[") {
+                Some(i) => (&a.extra_toml[..i], &a.extra_toml[i..]),
+                None => (a.extra_toml.as_str(), ""),
+            };
             writeln!(
                 s,
-                "[[agents]]\nid = \"{}\"\napi_keys = [\"{}\"]\nnumbers = [{}]\nupstream = \"{}\"\n\
+                "[[agents]]\nid = \"{}\"\napi_keys = [\"{}\"]\nnumbers = [{}]\nupstream = {}\n\
                  default_region = \"US\"\nfallback_wait_ms = {}\ndefaults = {{ {} }}\n\
-                 inject = {{ mode = \"headers\", prefix = \"X-Precall-\", max_bytes = {} }}\n",
+                 inject = {{ {} }}\n{}{}",
                 a.id,
                 a.api_key,
                 numbers.join(", "),
-                a.upstream,
+                upstream,
                 a.fallback_wait_ms,
                 a.defaults,
-                a.inject_max_bytes
+                inject,
+                keys,
+                tables
             )
             .unwrap();
         }

@@ -26,6 +26,7 @@ mod cli;
 mod load;
 mod robustness;
 mod routing;
+mod rules;
 mod selftest;
 mod sipp_flows;
 mod tcp;
