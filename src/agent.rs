@@ -165,6 +165,7 @@ mod tests {
             http: HttpConfig {
                 listen: "127.0.0.1:8080".parse().unwrap(),
                 max_body_bytes: 16384,
+                client_concurrency: 256,
             },
             store: StoreConfig {
                 backend: StoreBackend::Memory,

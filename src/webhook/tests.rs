@@ -65,6 +65,7 @@ fn config() -> Config {
         http: HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             max_body_bytes: MAX_BODY,
+            client_concurrency: 256,
         },
         store: StoreConfig {
             backend: StoreBackend::Memory,
