@@ -158,6 +158,15 @@ pub enum InjectMode {
 }
 
 impl InjectMode {
+    /// As written in the config (`inject.mode`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InjectMode::Headers => "headers",
+            InjectMode::Json => "json",
+            InjectMode::Http => "http",
+            InjectMode::Both => "both",
+        }
+    }
     /// Whether context fields go into SIP headers one by one.
     pub fn has_field_headers(self) -> bool {
         matches!(self, InjectMode::Headers | InjectMode::Both)
