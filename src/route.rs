@@ -16,6 +16,12 @@
 //! The four built-ins and `ctx` win over context fields of the same names: a posted
 //! `status` field must not be able to pose as the settled status a rule tests.
 //!
+//! Functions: CEL's standard library (`int()`, `size()`, `startsWith`, `matches`, `has`,
+//! `exists`, ...) plus its `strings` (`lowerAscii`, `indexOf`, ...), `math`
+//! (`math.greatest`, ...) and `lists` extensions; no timestamps or durations (built
+//! without chrono). Calling a function that does not exist is a compile error, so
+//! `precall check` catches a misspelt `startswith`.
+//!
 //! # Errors at run time
 //! A referenced field that is missing, an operator applied to the wrong type, or a
 //! non-`bool` result makes that rule not match; the error comes back in
