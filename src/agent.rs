@@ -1,5 +1,7 @@
-//! Which agent a call is for and who is calling (DESIGN.md "Which agent", "Who calls").
-//! Pure: takes header values as strings, returns decisions.
+//! Which agent a call is for, who is calling (DESIGN.md "Which agent", "Who calls"), and
+//! where a settled call goes ([`Agents::route`]: the agent's routing rules, resolved to
+//! upstreams and an injection config). Pure: takes header values and contexts, returns
+//! decisions.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -7,13 +9,18 @@ use std::sync::Arc;
 
 use phonenumber::country::Id as Region;
 
-use crate::config::{AgentConfig, CallerSource, Config};
+use crate::config::{AgentConfig, CallerSource, Config, RouteConfig, RouteTarget, Upstream};
 use crate::number::{normalise_lenient, uri_user, E164};
+use crate::route::{CompiledRoutes, RouteInput};
 
-/// Agents indexed by called number, built once per config.
+/// Agents indexed by called number, with their routing rules compiled, built once per
+/// config.
 #[derive(Debug, Clone)]
 pub struct Agents {
     pub config: Arc<Config>,
+    /// One per agent, same index as `config.agents`. Shared, since compiled CEL programs
+    /// cannot be cloned.
+    routes: Arc<[CompiledRoutes]>,
     /// normalised called number → index in `config.agents` (first agent listing it wins).
     by_number: HashMap<String, usize>,
     default_agent: Option<usize>,
@@ -41,12 +48,73 @@ impl Agents {
             .default_agent
             .as_deref()
             .and_then(|id| config.agents.iter().position(|a| a.id == id));
+        // Config validation compiles every rule already; a hand-built config with a broken
+        // one gets a rule that never matches (logged by CompiledRoutes::new).
+        let routes = config
+            .agents
+            .iter()
+            .map(|agent| CompiledRoutes::new(&agent.routes))
+            .collect();
         Agents {
             config,
+            routes,
             by_number,
             default_agent,
             regions,
         }
+    }
+
+    /// Index of the agent `id` in `config.agents`.
+    pub fn index_of(&self, id: &str) -> Option<usize> {
+        self.config.agents.iter().position(|a| a.id == id)
+    }
+
+    /// The compiled routing rules of the agent at `agent_index`.
+    pub fn routes(&self, agent_index: usize) -> Option<&CompiledRoutes> {
+        self.routes.get(agent_index)
+    }
+
+    /// Evaluates the routing rules of the agent at `agent_index` against a settled call
+    /// and resolves the first match to where the call goes and how its context is
+    /// delivered. Call once per call, when the context is settled (hit, waited,
+    /// looked-up, fallback); log and count [`Routing::errors`] (rules whose expression
+    /// failed: they did not match).
+    ///
+    /// Rules are evaluated for the agent the call came in for only: an `agent = ...`
+    /// hand-over takes that agent's upstreams and injection, not its rules (no chains,
+    /// no loops).
+    pub fn route(&self, agent_index: usize, input: &RouteInput<'_>) -> Routing<'_> {
+        let (Some(agent), Some(routes)) = (
+            self.config.agents.get(agent_index),
+            self.routes.get(agent_index),
+        ) else {
+            return Routing::default();
+        };
+        let outcome = routes.first_match(input);
+        let mut errors = outcome.errors;
+        let decision = outcome.matched.and_then(|index| {
+            let route = agent.routes.get(index)?;
+            let (target_agent, upstreams) = match &route.target {
+                RouteTarget::Stay => (agent, agent.upstreams.as_slice()),
+                RouteTarget::Upstreams(upstreams) => (agent, upstreams.as_slice()),
+                RouteTarget::Agent(id) => match self.by_id(id) {
+                    Some(other) => (other, other.upstreams.as_slice()),
+                    // Config validation rejects this; stay rather than drop the call.
+                    None => {
+                        errors.push((index, format!("hand-over agent {id:?} does not exist")));
+                        (agent, agent.upstreams.as_slice())
+                    }
+                },
+            };
+            Some(RouteDecision {
+                index,
+                label: route.label(index),
+                route,
+                agent: target_agent,
+                upstreams,
+            })
+        });
+        Routing { decision, errors }
     }
 
     pub fn by_id(&self, id: &str) -> Option<&AgentConfig> {
@@ -86,6 +154,34 @@ impl Agents {
     }
 }
 
+/// The result of [`Agents::route`].
+#[derive(Debug, Default)]
+pub struct Routing<'a> {
+    /// The matching rule resolved; `None`: no rule matched, the call goes to its agent's
+    /// own upstreams with its own injection, and carries no `X-Precall-Route`.
+    pub decision: Option<RouteDecision<'a>>,
+    /// `(rule index, error)` for rules whose expression failed (they did not match), and
+    /// a hand-over to an agent that does not exist. Log and count each.
+    pub errors: Vec<(usize, String)>,
+}
+
+/// Where a matched rule sends the call.
+#[derive(Debug, Clone)]
+pub struct RouteDecision<'a> {
+    /// The rule's index in the call's agent's `routes`.
+    pub index: usize,
+    /// The `X-Precall-Route` value: the rule's name, else its index.
+    pub label: String,
+    /// The rule itself (its `set` fields go over the context: see
+    /// [`crate::inject::apply_set`]).
+    pub route: &'a RouteConfig,
+    /// The agent whose injection (`inject`) applies: the hand-over agent for
+    /// `agent = ...`, else the call's own agent.
+    pub agent: &'a AgentConfig,
+    /// Where to send the call, tried in order (never empty for a validated config).
+    pub upstreams: &'a [Upstream],
+}
+
 /// The caller's number from the agent's `caller_sources`, in order: P-Asserted-Identity
 /// only when `peer_trusted`; normalised with the agent's region (digits only where that
 /// fails). `None` when no source yields digits.
@@ -123,7 +219,8 @@ mod tests {
         HttpConfig, InjectConfig, ListenAddr, SipConfig, StoreBackend, StoreConfig, Transport,
         Upstream,
     };
-    use serde_json::Map;
+    use serde_json::{json, Map, Value};
+    use std::net::SocketAddr;
     use std::time::Duration;
 
     fn agent(id: &str, numbers: &[&str], region: Region) -> AgentConfig {
@@ -165,6 +262,7 @@ mod tests {
             http: HttpConfig {
                 listen: "127.0.0.1:8080".parse().unwrap(),
                 max_body_bytes: 16384,
+                client_concurrency: 256,
             },
             store: StoreConfig {
                 backend: StoreBackend::Memory,
@@ -310,5 +408,172 @@ mod tests {
         let cfg = config(vec![], None);
         assert!(is_trusted(&cfg, "10.1.2.3".parse().unwrap()));
         assert!(!is_trusted(&cfg, "192.0.2.1".parse().unwrap()));
+    }
+
+    fn upstream(port: u16) -> Upstream {
+        Upstream {
+            uri: format!("sip:127.0.0.1:{port}"),
+            transport: Transport::Udp,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+
+    fn rule(name: Option<&str>, when: &str, target: RouteTarget, set: Value) -> RouteConfig {
+        RouteConfig {
+            name: name.map(str::to_string),
+            when: when.to_string(),
+            target,
+            set: match set {
+                Value::Object(m) => m,
+                _ => Map::new(),
+            },
+        }
+    }
+
+    fn routed_agents() -> Agents {
+        let mut support = agent("support", &["+15550100"], Region::US);
+        support.routes = vec![
+            rule(
+                Some("fraud"),
+                "risk_score >= 80 || flagged == true",
+                RouteTarget::Upstreams(vec![upstream(5090), upstream(5091)]),
+                json!({"flow": "verification"}),
+            ),
+            rule(
+                None,
+                "lead_source != '' && int(budget) >= 5000",
+                RouteTarget::Agent("sales".into()),
+                json!({}),
+            ),
+            rule(
+                None,
+                "status == 'fallback'",
+                RouteTarget::Stay,
+                json!({"note": "x"}),
+            ),
+        ];
+        let mut sales = agent("sales", &["+15550200"], Region::US);
+        sales.upstreams = vec![upstream(5080)];
+        sales.inject.prefix = "X-Sales-".into();
+        // The sales agent's own rules are not consulted on a hand-over.
+        sales.routes = vec![rule(
+            None,
+            "true",
+            RouteTarget::Agent("support".into()),
+            json!({}),
+        )];
+        Agents::new(config(vec![support, sales], None))
+    }
+
+    fn input<'a>(ctx: &'a Map<String, Value>, status: &'a str) -> RouteInput<'a> {
+        RouteInput {
+            context: ctx,
+            caller: "+14155550123",
+            called: "+15550100",
+            agent: "support",
+            status,
+        }
+    }
+
+    fn ctx(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            _ => panic!("not an object"),
+        }
+    }
+
+    #[test]
+    fn index_of_and_routes() {
+        let agents = routed_agents();
+        assert_eq!(agents.index_of("support"), Some(0));
+        assert_eq!(agents.index_of("sales"), Some(1));
+        assert_eq!(agents.index_of("nobody"), None);
+        assert_eq!(agents.routes(0).map(CompiledRoutes::len), Some(3));
+        assert_eq!(agents.routes(1).map(CompiledRoutes::len), Some(1));
+        assert!(agents.routes(2).is_none());
+        // Still Clone + Debug, and shareable across tasks.
+        let copy = agents.clone();
+        assert!(format!("{copy:?}").contains("CompiledRoutes"));
+        fn is_send_sync<T: Send + Sync>() {}
+        is_send_sync::<Agents>();
+    }
+
+    #[test]
+    fn route_to_upstreams_with_set() {
+        let agents = routed_agents();
+        let c = ctx(json!({"risk_score": 92}));
+        let routing = agents.route(0, &input(&c, "hit"));
+        assert!(routing.errors.is_empty(), "{:?}", routing.errors);
+        let d = routing.decision.unwrap();
+        assert_eq!((d.index, d.label.as_str()), (0, "fraud"));
+        assert_eq!(d.agent.id, "support");
+        let ports: Vec<u16> = d.upstreams.iter().map(|u| u.addr.port()).collect();
+        assert_eq!(ports, [5090, 5091]);
+        assert_eq!(d.route.set.get("flow"), Some(&json!("verification")));
+    }
+
+    #[test]
+    fn route_hand_over_takes_the_other_agents_upstreams_and_injection() {
+        let agents = routed_agents();
+        let c = ctx(json!({"lead_source": "ads", "budget": "10000"}));
+        let routing = agents.route(0, &input(&c, "waited"));
+        // Rule 0 fails (no risk_score, no flagged) and is reported; rule 1 matches.
+        assert_eq!(routing.errors.len(), 1);
+        assert_eq!(routing.errors[0].0, 0);
+        let d = routing.decision.unwrap();
+        assert_eq!((d.index, d.label.as_str()), (1, "1"));
+        assert_eq!(d.agent.id, "sales");
+        assert_eq!(d.agent.inject.prefix, "X-Sales-");
+        assert_eq!(d.upstreams[0].addr.port(), 5080);
+    }
+
+    #[test]
+    fn route_stay_and_no_match() {
+        let agents = routed_agents();
+        let c = ctx(json!({"risk_score": 1, "flagged": false, "lead_source": ""}));
+        let d = agents.route(0, &input(&c, "fallback")).decision.unwrap();
+        assert_eq!(d.index, 2);
+        assert_eq!(d.agent.id, "support");
+        assert_eq!(d.upstreams[0].addr.port(), 5070);
+        let routing = agents.route(0, &input(&c, "hit"));
+        assert!(routing.decision.is_none());
+        assert!(routing.errors.is_empty(), "{:?}", routing.errors);
+        // No such agent: nothing, quietly.
+        let routing = agents.route(9, &input(&c, "hit"));
+        assert!(routing.decision.is_none() && routing.errors.is_empty());
+    }
+
+    #[test]
+    fn hand_over_to_a_missing_agent_stays_and_says_so() {
+        let mut a = agent("a", &[], Region::US);
+        a.routes = vec![rule(
+            None,
+            "true",
+            RouteTarget::Agent("ghost".into()),
+            json!({}),
+        )];
+        let agents = Agents::new(config(vec![a], None));
+        let c = Map::new();
+        let routing = agents.route(0, &input(&c, "hit"));
+        let d = routing.decision.unwrap();
+        assert_eq!(d.agent.id, "a");
+        assert_eq!(
+            routing.errors,
+            [(0, "hand-over agent \"ghost\" does not exist".to_string())]
+        );
+    }
+
+    #[test]
+    fn a_rule_that_does_not_compile_never_matches() {
+        let mut a = agent("a", &[], Region::US);
+        a.routes = vec![
+            rule(None, "(", RouteTarget::Stay, json!({})),
+            rule(Some("ok"), "true", RouteTarget::Stay, json!({})),
+        ];
+        let agents = Agents::new(config(vec![a], None));
+        let c = Map::new();
+        let routing = agents.route(0, &input(&c, "hit"));
+        assert_eq!(routing.decision.unwrap().label, "ok");
+        assert_eq!(routing.errors.len(), 1);
     }
 }

@@ -15,7 +15,7 @@ use anyhow::{anyhow, bail, Context as _};
 use clap::{Parser, Subcommand};
 use serde_json::{Map, Value};
 
-use crate::config::{AgentConfig, CallerSource, Config, InjectMode};
+use crate::config::{AgentConfig, CallerSource, Config, RouteTarget};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -193,8 +193,8 @@ fn describe(path: &Path, config: &Config) -> String {
     );
     let _ = writeln!(
         out,
-        "http   listen {}; max body {} bytes",
-        config.http.listen, config.http.max_body_bytes
+        "http   listen {}; max body {} bytes; at most {} outgoing calls at once",
+        config.http.listen, config.http.max_body_bytes, config.http.client_concurrency
     );
     let _ = writeln!(
         out,
@@ -221,6 +221,29 @@ fn describe(path: &Path, config: &Config) -> String {
                     .join(", then "),
             ),
             (
+                "upstream wait",
+                format!(
+                    "{} ms for a provisional, then the next upstream",
+                    agent.upstream_timeout.as_millis()
+                ),
+            ),
+            (
+                "health check",
+                agent.health_check.map_or("off".to_string(), |every| {
+                    format!("OPTIONS every {} s", every.as_secs())
+                }),
+            ),
+            (
+                "lookup",
+                agent.lookup.as_ref().map_or("off".to_string(), |lookup| {
+                    format!(
+                        "POST {} on a miss (timeout {} ms)",
+                        lookup.url,
+                        lookup.timeout.as_millis()
+                    )
+                }),
+            ),
+            (
                 "fallback wait",
                 format!("{} ms", agent.fallback_wait.as_millis()),
             ),
@@ -238,20 +261,7 @@ fn describe(path: &Path, config: &Config) -> String {
                         .collect(),
                 ),
             ),
-            (
-                "inject",
-                format!(
-                    "{}, prefix {}, max {} bytes",
-                    match agent.inject.mode {
-                        InjectMode::Headers => "headers",
-                        InjectMode::Json => "json",
-                        InjectMode::Http => "http",
-                        InjectMode::Both => "both",
-                    },
-                    agent.inject.prefix,
-                    agent.inject.max_bytes
-                ),
-            ),
+            ("inject", describe_inject(agent)),
             (
                 "defaults",
                 Value::Object(agent.defaults.clone()).to_string(),
@@ -261,8 +271,54 @@ fn describe(path: &Path, config: &Config) -> String {
         for (name, value) in rows {
             let _ = writeln!(out, "  {name:<15} {value}");
         }
+        if agent.routes.is_empty() {
+            let _ = writeln!(out, "  {:<15} (none)", "routes");
+        }
+        for (index, route) in agent.routes.iter().enumerate() {
+            let label = match &route.name {
+                Some(name) => format!("route {index} ({name})"),
+                None => format!("route {index}"),
+            };
+            let target = match &route.target {
+                RouteTarget::Upstreams(upstreams) => format!(
+                    "upstream {}",
+                    upstreams
+                        .iter()
+                        .map(|u| u.uri.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", then ")
+                ),
+                RouteTarget::Agent(id) => format!("hand over to agent {id}"),
+                RouteTarget::Stay => "stay".to_string(),
+            };
+            let set = if route.set.is_empty() {
+                String::new()
+            } else {
+                format!("; set {}", Value::Object(route.set.clone()))
+            };
+            let _ = writeln!(out, "  {label:<15} when {} → {target}{set}", route.when);
+        }
     }
     out
+}
+
+/// The `inject` row of `check`: mode, prefix, bound, and where an HTTP delivery goes.
+fn describe_inject(agent: &AgentConfig) -> String {
+    let inject = &agent.inject;
+    let mut text = format!(
+        "{}, prefix {}, max {} bytes",
+        inject.mode.as_str(),
+        inject.prefix,
+        inject.max_bytes
+    );
+    if let (true, Some(url)) = (inject.mode.has_http(), &inject.url) {
+        let _ = write!(
+            text,
+            ", POST {url} before forwarding (timeout {} ms)",
+            inject.timeout.as_millis()
+        );
+    }
+    text
 }
 
 /// `http://ADDR:PORT`, with an every-interface listen address (`0.0.0.0`, `[::]`)
@@ -372,12 +428,40 @@ async fn exchange(
         let value = header.get("value").and_then(Value::as_str).unwrap_or("");
         let _ = writeln!(out, "{name}: {value}");
     }
-    if let Some(route) = answer.json.as_ref().and_then(|j| j.get("route")) {
-        if !route.is_null() {
-            let _ = writeln!(out, "(route {route})");
-        }
+    if let Some(json) = &answer.json {
+        out.push_str(&route_lines(json));
     }
     Ok(())
+}
+
+/// What `send` prints about routing from a `/v1/precall/test` answer: the matched rule
+/// and where the call goes, then each rule that failed on the payload.
+fn route_lines(answer: &Value) -> String {
+    let mut out = String::new();
+    if let Some(route) = answer.get("route").filter(|r| !r.is_null()) {
+        let label = route.get("label").and_then(Value::as_str).unwrap_or("?");
+        let upstream = route
+            .get("upstream")
+            .and_then(Value::as_array)
+            .map(|list| {
+                list.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", then ")
+            })
+            .unwrap_or_default();
+        let _ = match route.get("agent").and_then(Value::as_str) {
+            Some(agent) => writeln!(out, "(route {label}: handed over to {agent}, {upstream})"),
+            None => writeln!(out, "(route {label}: {upstream})"),
+        };
+    }
+    let errors = answer.get("routeErrors").and_then(Value::as_array);
+    for error in errors.into_iter().flatten() {
+        let index = error.get("index").map_or(Value::Null, Clone::clone);
+        let message = error.get("error").and_then(Value::as_str).unwrap_or("?");
+        let _ = writeln!(out, "(route {index} failed, so did not match: {message})");
+    }
+    out
 }
 
 /// An HTTP answer: status, raw text, and the text as JSON when it is JSON.
@@ -458,16 +542,96 @@ mod tests {
             "agent support-agent",
             "  numbers         +15550100",
             "  upstream        sip:127.0.0.1:5070;transport=udp (udp 127.0.0.1:5070)",
+            "  upstream wait   2000 ms for a provisional, then the next upstream",
+            "  health check    off",
+            "  lookup          off",
             "  fallback wait   2000 ms",
             "  region          US",
             "  caller sources  pai, from",
             "  inject          headers, prefix X-Precall-, max 1024 bytes",
             "  defaults        {\"customer_name\":\"there\"}",
+            "  routes          (none)",
+            "at most 256 outgoing calls at once",
         ] {
             assert!(text.contains(want), "{want:?} missing from:\n{text}");
         }
         // The keys themselves are secrets: only counted.
         assert!(!text.contains("dev-key-change-me"));
+    }
+
+    #[test]
+    fn check_describes_routes_lookup_and_delivery() {
+        let text = format!(
+            "{BUNDLED}\n{}",
+            r#"routes = [
+  { name = "fraud", when = "risk_score >= 80", upstream = ["sip:127.0.0.1:5090", "sip:127.0.0.1:5091;transport=tcp"], set = { flow = "verification" } },
+  { when = "int(budget) >= 5000", agent = "sales" },
+  { when = "status == 'fallback'" },
+]
+[[agents]]
+id = "sales"
+api_keys = ["k2"]
+upstream = "sip:127.0.0.1:5080"
+upstream_timeout_ms = 500
+health_check_secs = 15
+lookup_url = "http://127.0.0.1:9000/lookup"
+inject = { mode = "both", url = "http://127.0.0.1:9000/context", timeout_ms = 250 }
+"#
+        );
+        // `routes = [...]` after the bundled agent's last key: that agent's rules.
+        let config = Config::from_toml_str(&text).unwrap();
+        let text = describe(Path::new("x.toml"), &config);
+        for want in [
+            "  route 0 (fraud) when risk_score >= 80 → upstream sip:127.0.0.1:5090, then sip:127.0.0.1:5091;transport=tcp; set {\"flow\":\"verification\"}\n",
+            "  route 1         when int(budget) >= 5000 → hand over to agent sales\n",
+            "  route 2         when status == 'fallback' → stay\n",
+            "agent sales\n",
+            "  upstream wait   500 ms for a provisional",
+            "  health check    OPTIONS every 15 s",
+            "  lookup          POST http://127.0.0.1:9000/lookup on a miss (timeout 1000 ms)",
+            "  inject          both, prefix X-Precall-, max 1024 bytes, POST http://127.0.0.1:9000/context before forwarding (timeout 250 ms)",
+        ] {
+            assert!(text.contains(want), "{want:?} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn check_names_the_agent_and_rule_of_a_broken_expression() {
+        let dir = std::env::temp_dir().join(format!("precall-cli-routes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bad = dir.join("bad.toml");
+        std::fs::write(
+            &bad,
+            format!("{BUNDLED}\n[[agents.routes]]\nname = \"fraud\"\nwhen = \"risk_score >=\"\n"),
+        )
+        .unwrap();
+        let err = check(&bad).unwrap_err().to_string();
+        assert!(err.ends_with("1 problem found"), "{err}");
+        let problems = Config::load(&bad).unwrap_err().problems;
+        assert!(
+            problems[0].starts_with(
+                "agents[0] (\"support-agent\").routes[0] (\"fraud\").when: column 14: "
+            ),
+            "{problems:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn send_shows_the_route_and_failed_rules() {
+        assert_eq!(route_lines(&json!({"route": null, "routeErrors": []})), "");
+        let answer = json!({
+            "route": {"index": 1, "name": null, "label": "1",
+                "upstream": ["sip:127.0.0.1:5080", "sip:127.0.0.1:5081"], "agent": "sales", "set": {}},
+            "routeErrors": [{"index": 0, "error": "no field \"risk_score\" in the context"}],
+        });
+        assert_eq!(
+            route_lines(&answer),
+            "(route 1: handed over to sales, sip:127.0.0.1:5080, then sip:127.0.0.1:5081)\n\
+             (route 0 failed, so did not match: no field \"risk_score\" in the context)\n"
+        );
+        let answer = json!({"route": {"label": "fraud", "upstream": ["sip:h"], "agent": null}});
+        assert_eq!(route_lines(&answer), "(route fraud: sip:h)\n");
     }
 
     #[test]

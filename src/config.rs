@@ -11,8 +11,12 @@
 //! Keys of later features (DESIGN.md "Keys of the later features") that a config may
 //! already carry are accepted and checked but not yet acted on: `sip.drain_secs`,
 //! `store.url`, `store.key_prefix`. Values that name a later feature (`store.backend =
-//! "redis"`, `tls:` listeners, an upstream list, inject modes other than `headers`) are
-//! errors that say so, because silently running without them would surprise.
+//! "redis"`, `tls:` listeners) are errors that say so, because silently running without
+//! them would surprise.
+//!
+//! Routing rules (`[[agents.routes]]`) are compiled here (see [`crate::route`]), so a
+//! broken `when` fails the load, and `precall check`, naming the agent and the rule:
+//! `agents[0] ("support-agent").routes[1] ("fraud").when: column 14: ...`.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -100,6 +104,20 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// Webhook body limit (`max_body_bytes`, default 16384).
     pub max_body_bytes: usize,
+    /// Most outgoing HTTP calls (pull look-ups and context deliveries) in flight at once
+    /// (`client_concurrency`, default 256); past it a call waits for a slot, bounded by
+    /// its own timeout.
+    pub client_concurrency: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 16_384,
+            client_concurrency: 256,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +158,15 @@ pub enum InjectMode {
 }
 
 impl InjectMode {
+    /// As written in the config (`inject.mode`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InjectMode::Headers => "headers",
+            InjectMode::Json => "json",
+            InjectMode::Http => "http",
+            InjectMode::Both => "both",
+        }
+    }
     /// Whether context fields go into SIP headers one by one.
     pub fn has_field_headers(self) -> bool {
         matches!(self, InjectMode::Headers | InjectMode::Both)
@@ -235,6 +262,29 @@ pub struct AgentConfig {
     pub defaults: Map<String, Value>,
     pub inject: InjectConfig,
     pub caller_sources: Vec<CallerSource>,
+}
+
+impl AgentConfig {
+    /// An agent with every optional key at its default: no numbers, no API keys, region
+    /// US, 2 s fallback wait, no defaults, no routes, no look-up, headers injection. For
+    /// tests and tools that build configs in code; set fields afterwards.
+    pub fn new(id: impl Into<String>, upstreams: Vec<Upstream>) -> AgentConfig {
+        AgentConfig {
+            id: id.into(),
+            api_keys: Vec::new(),
+            numbers: Vec::new(),
+            upstreams,
+            upstream_timeout: Duration::from_millis(UPSTREAM_TIMEOUT_MS_DEFAULT),
+            health_check: None,
+            lookup: None,
+            routes: Vec::new(),
+            default_region: Region::US,
+            fallback_wait: Duration::from_millis(2000),
+            defaults: Map::new(),
+            inject: InjectConfig::default(),
+            caller_sources: vec![CallerSource::Pai, CallerSource::From],
+        }
+    }
 }
 
 /// Every problem found in a config file, each naming the key.
@@ -385,6 +435,18 @@ const INJECT_BYTES_MAX: u64 = 65_535;
 /// Longest agent id / API key accepted.
 const ID_MAX: usize = 128;
 const KEY_MAX: usize = 512;
+/// `upstream_timeout_ms`: below 50 ms even a LAN upstream may not have answered; past a
+/// minute the caller has long hung up.
+const UPSTREAM_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 50..=60_000;
+const UPSTREAM_TIMEOUT_MS_DEFAULT: u64 = 2000;
+/// `health_check_secs`: from every second to every hour.
+const HEALTH_CHECK_SECS: std::ops::RangeInclusive<u64> = 1..=3600;
+/// `lookup_timeout_ms` and `inject.timeout_ms`: HTTP calls made while a call is held.
+const HTTP_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 10..=30_000;
+/// `http.client_concurrency`.
+const CLIENT_CONCURRENCY: std::ops::RangeInclusive<u64> = 1..=65_536;
+/// Longest route name (it is sent as `X-Precall-Route`).
+const ROUTE_NAME_MAX: usize = 64;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -418,6 +480,7 @@ struct RawSip {
 struct RawHttp {
     listen: Option<String>,
     max_body_bytes: Option<u64>,
+    client_concurrency: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -432,7 +495,7 @@ struct RawStore {
     key_prefix: Option<String>,
 }
 
-/// One upstream, or (a later feature) a list to fail over through.
+/// One upstream, or a list to fail over through.
 #[derive(Debug, Deserialize)]
 #[serde(
     untagged,
@@ -452,12 +515,18 @@ struct RawAgent {
     #[serde(default)]
     numbers: Vec<String>,
     upstream: Option<RawUpstream>,
+    upstream_timeout_ms: Option<u64>,
+    health_check_secs: Option<u64>,
+    lookup_url: Option<String>,
+    lookup_timeout_ms: Option<u64>,
     default_region: Option<String>,
     fallback_wait_ms: Option<u64>,
     /// Deserialised straight into a JSON map, which keeps the file's order.
     defaults: Option<Map<String, Value>>,
     inject: Option<RawInject>,
     caller_sources: Option<Vec<String>>,
+    #[serde(default)]
+    routes: Vec<RawRoute>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -466,6 +535,20 @@ struct RawInject {
     mode: Option<String>,
     prefix: Option<String>,
     max_bytes: Option<u64>,
+    url: Option<String>,
+    timeout_ms: Option<u64>,
+}
+
+/// One `[[agents.routes]]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: Option<String>,
+    when: Option<String>,
+    upstream: Option<RawUpstream>,
+    agent: Option<String>,
+    /// Like `defaults`: straight into a JSON map, in file order.
+    set: Option<Map<String, Value>>,
 }
 
 /// Problems found so far, each `key: message`.
@@ -652,9 +735,17 @@ fn validate_http(raw: RawHttp, problems: &mut Problems) -> HttpConfig {
     if !BODY_BYTES.contains(&max_body_bytes) {
         problems.add("http.max_body_bytes", in_range(max_body_bytes, &BODY_BYTES));
     }
+    let client_concurrency = raw.client_concurrency.unwrap_or(256);
+    if !CLIENT_CONCURRENCY.contains(&client_concurrency) {
+        problems.add(
+            "http.client_concurrency",
+            in_range(client_concurrency, &CLIENT_CONCURRENCY),
+        );
+    }
     HttpConfig {
         listen,
         max_body_bytes: usize::try_from(max_body_bytes).unwrap_or(16_384),
+        client_concurrency: usize::try_from(client_concurrency).unwrap_or(256),
     }
 }
 
@@ -728,9 +819,10 @@ fn validate_agents(
             }
         }
     }
+    let ids: Vec<String> = seen_ids.iter().map(|id| id.to_string()).collect();
     raw.into_iter()
         .enumerate()
-        .filter_map(|(i, agent)| validate_agent(i, agent, sip, problems))
+        .filter_map(|(i, agent)| validate_agent(i, agent, sip, &ids, problems))
         .collect()
 }
 
@@ -738,6 +830,7 @@ fn validate_agent(
     i: usize,
     raw: RawAgent,
     sip: &SipConfig,
+    ids: &[String],
     problems: &mut Problems,
 ) -> Option<AgentConfig> {
     let before = problems.0.len();
@@ -806,17 +899,45 @@ fn validate_agent(
             uris
         }
     };
-    let many = upstream_uris.len() > 1;
-    let mut upstreams = Vec::with_capacity(upstream_uris.len());
-    for (n, uri) in upstream_uris.iter().enumerate() {
-        match Upstream::parse(uri) {
-            Ok(upstream) => upstreams.push(upstream),
-            Err(message) if many => {
-                problems.add(format_args!("agents[{i}].upstream[{n}]"), message)
-            }
-            Err(message) => problems.add(key("upstream"), message),
+    let upstreams = upstream_list(&key("upstream"), &upstream_uris, problems);
+
+    let upstream_timeout_ms = raw
+        .upstream_timeout_ms
+        .unwrap_or(UPSTREAM_TIMEOUT_MS_DEFAULT);
+    if !UPSTREAM_TIMEOUT_MS.contains(&upstream_timeout_ms) {
+        problems.add(
+            key("upstream_timeout_ms"),
+            in_range(upstream_timeout_ms, &UPSTREAM_TIMEOUT_MS),
+        );
+    }
+    if let Some(secs) = raw.health_check_secs {
+        if !HEALTH_CHECK_SECS.contains(&secs) {
+            problems.add(key("health_check_secs"), in_range(secs, &HEALTH_CHECK_SECS));
         }
     }
+
+    let lookup_timeout_ms = raw.lookup_timeout_ms.unwrap_or(1000);
+    if !HTTP_TIMEOUT_MS.contains(&lookup_timeout_ms) {
+        problems.add(
+            key("lookup_timeout_ms"),
+            in_range(lookup_timeout_ms, &HTTP_TIMEOUT_MS),
+        );
+    }
+    let lookup = match raw.lookup_url {
+        Some(url) => {
+            check_http_url(&key("lookup_url"), &url, problems);
+            Some(LookupConfig {
+                url,
+                timeout: Duration::from_millis(lookup_timeout_ms),
+            })
+        }
+        None => {
+            if raw.lookup_timeout_ms.is_some() {
+                problems.add(key("lookup_timeout_ms"), "has no effect without lookup_url");
+            }
+            None
+        }
+    };
 
     let fallback_wait_ms = raw.fallback_wait_ms.unwrap_or(2000);
     if fallback_wait_ms > FALLBACK_WAIT_MS_MAX {
@@ -836,6 +957,15 @@ fn validate_agent(
 
     let inject = validate_inject(&key("inject"), raw.inject.unwrap_or_default(), problems);
 
+    // The agent's id in route keys: "agents[0] (\"support-agent\")", so that `precall
+    // check` names the agent of a broken rule without the reader counting tables.
+    let route_key = if id.is_empty() {
+        format!("agents[{i}]")
+    } else {
+        format!("agents[{i}] ({id:?})")
+    };
+    let routes = validate_routes(&route_key, &id, raw.routes, ids, problems);
+
     let caller_sources = match raw.caller_sources {
         Some(texts) => caller_sources(&texts, &key("caller_sources"), problems),
         None => sip.caller_sources.clone(),
@@ -849,10 +979,10 @@ fn validate_agent(
         api_keys: raw.api_keys,
         numbers,
         upstreams,
-        upstream_timeout: Duration::from_millis(2000),
-        health_check: None,
-        lookup: None,
-        routes: Vec::new(),
+        upstream_timeout: Duration::from_millis(upstream_timeout_ms),
+        health_check: raw.health_check_secs.map(Duration::from_secs),
+        lookup,
+        routes,
         default_region: region?,
         fallback_wait: Duration::from_millis(fallback_wait_ms),
         defaults,
@@ -862,18 +992,39 @@ fn validate_agent(
 }
 
 fn validate_inject(key: &str, raw: RawInject, problems: &mut Problems) -> InjectConfig {
-    match raw.mode.as_deref() {
-        None | Some("headers") => {}
-        Some(mode @ ("json" | "http" | "both")) => problems.add(
-            format_args!("{key}.mode"),
-            format!("{mode:?} is not supported by this build yet (use \"headers\")"),
-        ),
-        Some(other) => problems.add(
-            format_args!("{key}.mode"),
-            format!("{other:?} is not \"headers\", \"json\", \"http\" or \"both\""),
-        ),
-    }
+    let mode = match raw.mode.as_deref() {
+        None | Some("headers") => InjectMode::Headers,
+        Some("json") => InjectMode::Json,
+        Some("http") => InjectMode::Http,
+        Some("both") => InjectMode::Both,
+        Some(other) => {
+            problems.add(
+                format_args!("{key}.mode"),
+                format!("{other:?} is not \"headers\", \"json\", \"http\" or \"both\""),
+            );
+            InjectMode::Headers
+        }
+    };
     let defaults = InjectConfig::default();
+    match (&raw.url, mode.has_http()) {
+        (Some(url), true) => check_http_url(&format!("{key}.url"), url, problems),
+        (None, true) => problems.add(
+            format_args!("{key}.url"),
+            "missing: modes \"http\" and \"both\" POST the context to it",
+        ),
+        (Some(_), false) => problems.add(
+            format_args!("{key}.url"),
+            "only modes \"http\" and \"both\" use it (set mode, or drop url)",
+        ),
+        (None, false) => {}
+    }
+    let timeout_ms = raw.timeout_ms.unwrap_or(300);
+    if !HTTP_TIMEOUT_MS.contains(&timeout_ms) {
+        problems.add(
+            format_args!("{key}.timeout_ms"),
+            in_range(timeout_ms, &HTTP_TIMEOUT_MS),
+        );
+    }
     let prefix = raw.prefix.unwrap_or(defaults.prefix);
     if !inject::is_token(&prefix) {
         problems.add(
@@ -889,11 +1040,148 @@ fn validate_inject(key: &str, raw: RawInject, problems: &mut Problems) -> Inject
         );
     }
     InjectConfig {
-        mode: InjectMode::Headers,
+        mode,
         prefix,
         max_bytes: usize::try_from(max_bytes).unwrap_or(defaults.max_bytes),
-        ..defaults
+        url: raw.url,
+        timeout: Duration::from_millis(timeout_ms),
     }
+}
+
+/// Upstream URIs → upstreams; a problem names `key`, or `key[n]` in a list of several.
+fn upstream_list(key: &str, uris: &[String], problems: &mut Problems) -> Vec<Upstream> {
+    let many = uris.len() > 1;
+    let mut upstreams = Vec::with_capacity(uris.len());
+    for (n, uri) in uris.iter().enumerate() {
+        match Upstream::parse(uri) {
+            Ok(upstream) => upstreams.push(upstream),
+            Err(message) if many => problems.add(format_args!("{key}[{n}]"), message),
+            Err(message) => problems.add(key, message),
+        }
+    }
+    upstreams
+}
+
+/// An `http://` or `https://` URL with a host.
+fn check_http_url(key: &str, url: &str, problems: &mut Problems) {
+    match reqwest::Url::parse(url) {
+        Ok(parsed)
+            if matches!(parsed.scheme(), "http" | "https") && parsed.host_str().is_some() => {}
+        Ok(_) => problems.add(key, format!("{url:?} is not an http:// or https:// URL")),
+        Err(error) => problems.add(key, format!("{url:?} is not a URL: {error}")),
+    }
+}
+
+/// `[[agents.routes]]` of the agent `id` (`agent_key` names it in problems); `ids` are
+/// every agent id in the file, for `agent = ...` hand-overs.
+fn validate_routes(
+    agent_key: &str,
+    id: &str,
+    raw: Vec<RawRoute>,
+    ids: &[String],
+    problems: &mut Problems,
+) -> Vec<RouteConfig> {
+    let mut routes = Vec::with_capacity(raw.len());
+    let mut names: Vec<String> = Vec::new();
+    for (r, route) in raw.into_iter().enumerate() {
+        let key = match &route.name {
+            Some(name) if is_route_name(name) => format!("{agent_key}.routes[{r}] ({name:?})"),
+            _ => format!("{agent_key}.routes[{r}]"),
+        };
+        if let Some(name) = &route.name {
+            if !is_route_name(name) {
+                problems.add(
+                    format_args!("{key}.name"),
+                    format!(
+                        "{name:?} must be 1 to {ROUTE_NAME_MAX} letters, digits or \"-_.\", \
+                         not only digits (it is sent as X-Precall-Route, where an index \
+                         means an unnamed rule)"
+                    ),
+                );
+            } else if names.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+                problems.add(format_args!("{key}.name"), format!("duplicate {name:?}"));
+            } else {
+                names.push(name.clone());
+            }
+        }
+        let when = match route.when {
+            None => {
+                problems.add(
+                    format_args!("{key}.when"),
+                    "missing (a CEL expression, e.g. \"risk_score >= 80\")",
+                );
+                String::new()
+            }
+            Some(when) => {
+                if let Err(message) = crate::route::compile(&when) {
+                    problems.add(format_args!("{key}.when"), message);
+                }
+                when
+            }
+        };
+        let target = match (route.upstream, route.agent) {
+            (Some(_), Some(_)) => {
+                problems.add(
+                    &key,
+                    "upstream and agent are mutually exclusive (agent hands the call over \
+                     with that agent's upstream)",
+                );
+                RouteTarget::Stay
+            }
+            (Some(upstream), None) => {
+                let uris = match upstream {
+                    RawUpstream::One(uri) => vec![uri],
+                    RawUpstream::Many(uris) => {
+                        if uris.is_empty() {
+                            problems.add(
+                                format_args!("{key}.upstream"),
+                                "an empty list: give at least one URI",
+                            );
+                        }
+                        uris
+                    }
+                };
+                RouteTarget::Upstreams(upstream_list(&format!("{key}.upstream"), &uris, problems))
+            }
+            (None, Some(agent)) => {
+                if agent == id {
+                    problems.add(
+                        format_args!("{key}.agent"),
+                        format!("{agent:?} is this agent; leave agent out to stay"),
+                    );
+                } else if !ids.contains(&agent) {
+                    problems.add(format_args!("{key}.agent"), format!("no agent {agent:?}"));
+                }
+                RouteTarget::Agent(agent)
+            }
+            (None, None) => RouteTarget::Stay,
+        };
+        let mut set = route.set.unwrap_or_default();
+        for (field, value) in set.iter_mut() {
+            if field.is_empty() {
+                problems.add(format_args!("{key}.set"), "a field name is empty");
+            }
+            from_toml_json(value, &format!("{key}.set.{field}"), problems);
+        }
+        routes.push(RouteConfig {
+            name: route.name,
+            when,
+            target,
+            set,
+        });
+    }
+    routes
+}
+
+/// A route name: what `X-Precall-Route` carries, so a header-safe token, and not only
+/// digits (that reads as the index of an unnamed rule).
+fn is_route_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= ROUTE_NAME_MAX
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && !name.bytes().all(|b| b.is_ascii_digit())
 }
 
 fn caller_sources(texts: &[String], key: &str, problems: &mut Problems) -> Vec<CallerSource> {
@@ -1081,6 +1369,23 @@ upstream = "sip:127.0.0.1:5070"
         assert_eq!(a.fallback_wait, Duration::from_millis(2000));
         assert!(a.defaults.is_empty());
         assert_eq!(a.inject, InjectConfig::default());
+        assert_eq!(a.upstream_timeout, Duration::from_millis(2000));
+        assert_eq!(a.health_check, None);
+        assert_eq!(a.lookup, None);
+        assert!(a.routes.is_empty());
+        assert_eq!(cfg.http.client_concurrency, 256);
+        // AgentConfig::new agrees with a parsed agent on every default.
+        let built = AgentConfig::new("a", a.upstreams.clone());
+        assert_eq!(
+            format!("{built:?}"),
+            format!(
+                "{:?}",
+                AgentConfig {
+                    api_keys: Vec::new(),
+                    ..a.clone()
+                }
+            )
+        );
     }
 
     #[test]
@@ -1264,10 +1569,6 @@ upstream = "sip:127.0.0.1:5070"
             "agents[0].inject.prefix:",
         );
         fails_with(
-            &agent_with("inject = { mode = \"json\" }"),
-            "agents[0].inject.mode: \"json\" is not supported by this build yet",
-        );
-        fails_with(
             &agent_with("inject = { mode = \"xml\" }"),
             "agents[0].inject.mode: \"xml\" is not",
         );
@@ -1439,5 +1740,284 @@ upstream = "sip:127.0.0.1"
             err.problems[0].starts_with("/nonexistent/precall.toml: "),
             "{err}"
         );
+    }
+
+    /// Two agents: "a" (MINIMAL) with `extra` in its table, then "sales".
+    fn two_agents(extra: &str) -> String {
+        format!(
+            "{MINIMAL}{extra}\n[[agents]]\nid = \"sales\"\napi_keys = [\"k2\"]\nupstream = \"sip:127.0.0.1:5090\"\n"
+        )
+    }
+
+    #[test]
+    fn failover_health_check_and_lookup_keys() {
+        let cfg = Config::from_toml_str(&agent_with(
+            "upstream_timeout_ms = 800\nhealth_check_secs = 10\n\
+             lookup_url = \"https://crm.example/precall-lookup\"\nlookup_timeout_ms = 250",
+        ))
+        .unwrap();
+        let a = &cfg.agents[0];
+        assert_eq!(a.upstream_timeout, Duration::from_millis(800));
+        assert_eq!(a.health_check, Some(Duration::from_secs(10)));
+        assert_eq!(
+            a.lookup,
+            Some(LookupConfig {
+                url: "https://crm.example/precall-lookup".into(),
+                timeout: Duration::from_millis(250),
+            })
+        );
+        let cfg =
+            Config::from_toml_str(&agent_with("lookup_url = \"http://127.0.0.1:9000/l\"")).unwrap();
+        assert_eq!(
+            cfg.agents[0].lookup.as_ref().unwrap().timeout,
+            Duration::from_millis(1000)
+        );
+
+        fails_with(
+            &agent_with("upstream_timeout_ms = 49"),
+            "agents[0].upstream_timeout_ms: 49 is not between 50 and 60000",
+        );
+        fails_with(
+            &agent_with("upstream_timeout_ms = 60001"),
+            "agents[0].upstream_timeout_ms:",
+        );
+        fails_with(
+            &agent_with("health_check_secs = 0"),
+            "agents[0].health_check_secs: 0 is not between 1 and 3600",
+        );
+        fails_with(
+            &agent_with("health_check_secs = 3601"),
+            "agents[0].health_check_secs:",
+        );
+        fails_with(
+            &agent_with("lookup_url = \"ftp://crm.example/x\""),
+            "agents[0].lookup_url: \"ftp://crm.example/x\" is not an http:// or https:// URL",
+        );
+        fails_with(
+            &agent_with("lookup_url = \"crm.example/x\""),
+            "agents[0].lookup_url: \"crm.example/x\" is not a URL: ",
+        );
+        fails_with(
+            &agent_with("lookup_url = \"http://\""),
+            "agents[0].lookup_url:",
+        );
+        fails_with(
+            &agent_with("lookup_url = \"http://x\"\nlookup_timeout_ms = 9"),
+            "agents[0].lookup_timeout_ms: 9 is not between 10 and 30000",
+        );
+        fails_with(
+            &agent_with("lookup_timeout_ms = 500"),
+            "agents[0].lookup_timeout_ms: has no effect without lookup_url",
+        );
+    }
+
+    #[test]
+    fn http_client_concurrency() {
+        let cfg =
+            Config::from_toml_str(&format!("[http]\nclient_concurrency = 8\n{MINIMAL}")).unwrap();
+        assert_eq!(cfg.http.client_concurrency, 8);
+        fails_with(
+            &format!("[http]\nclient_concurrency = 0\n{MINIMAL}"),
+            "http.client_concurrency: 0 is not between 1 and 65536",
+        );
+        assert_eq!(HttpConfig::default().client_concurrency, 256);
+    }
+
+    #[test]
+    fn inject_modes_url_and_timeout() {
+        let inject = |extra: &str| {
+            Config::from_toml_str(&agent_with(extra)).unwrap().agents[0]
+                .inject
+                .clone()
+        };
+        assert_eq!(
+            inject("inject = { mode = \"json\" }").mode,
+            InjectMode::Json
+        );
+        let http = inject("inject = { mode = \"http\", url = \"http://127.0.0.1:9000/ctx\" }");
+        assert_eq!(http.mode, InjectMode::Http);
+        assert_eq!(http.url.as_deref(), Some("http://127.0.0.1:9000/ctx"));
+        assert_eq!(http.timeout, Duration::from_millis(300));
+        let both = inject(
+            "inject = { mode = \"both\", url = \"https://agent.example/c\", timeout_ms = 50 }",
+        );
+        assert_eq!(both.mode, InjectMode::Both);
+        assert_eq!(both.timeout, Duration::from_millis(50));
+
+        fails_with(
+            &agent_with("inject = { mode = \"http\" }"),
+            "agents[0].inject.url: missing",
+        );
+        fails_with(
+            &agent_with("inject = { mode = \"both\", url = \"mailto:a@b\" }"),
+            "agents[0].inject.url: \"mailto:a@b\" is not an http:// or https:// URL",
+        );
+        fails_with(
+            &agent_with("inject = { url = \"http://x\" }"),
+            "agents[0].inject.url: only modes \"http\" and \"both\"",
+        );
+        fails_with(
+            &agent_with("inject = { mode = \"http\", url = \"http://x\", timeout_ms = 40000 }"),
+            "agents[0].inject.timeout_ms: 40000 is not between 10 and 30000",
+        );
+        fails_with(
+            &agent_with("inject = { mode = \"xml\" }"),
+            "agents[0].inject.mode: \"xml\" is not",
+        );
+    }
+
+    #[test]
+    fn routes_parse_in_order_with_targets() {
+        let cfg = Config::from_toml_str(&two_agents(
+            r#"[[agents.routes]]
+name = "fraud"
+when = "risk_score >= 80 || flagged == true"
+upstream = "sip:127.0.0.1:5080;transport=tcp"
+set = { flow = "verification", level = 2 }
+[[agents.routes]]
+when = "lead_source != '' && int(budget) >= 5000"
+agent = "sales"
+[[agents.routes]]
+name = "vip"
+when = "tier == 'gold'"
+upstream = ["sip:127.0.0.1:5081", "sip:127.0.0.1:5082"]
+[[agents.routes]]
+when = "status == 'fallback'"
+set = { note = "no context" }"#,
+        ))
+        .unwrap();
+        let routes = &cfg.agents[0].routes;
+        assert_eq!(routes.len(), 4);
+        assert_eq!(routes[0].name.as_deref(), Some("fraud"));
+        assert_eq!(routes[0].when, "risk_score >= 80 || flagged == true");
+        match &routes[0].target {
+            RouteTarget::Upstreams(u) => {
+                assert_eq!(u.len(), 1);
+                assert_eq!(u[0].transport, Transport::Tcp);
+                assert_eq!(u[0].addr, "127.0.0.1:5080".parse().unwrap());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            Value::Object(routes[0].set.clone()).to_string(),
+            r#"{"flow":"verification","level":2}"#
+        );
+        assert_eq!(routes[1].target, RouteTarget::Agent("sales".into()));
+        assert_eq!(routes[1].label(1), "1");
+        assert_eq!(routes[0].label(0), "fraud");
+        match &routes[2].target {
+            RouteTarget::Upstreams(u) => {
+                let ports: Vec<u16> = u.iter().map(|u| u.addr.port()).collect();
+                assert_eq!(ports, [5081, 5082]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(routes[3].target, RouteTarget::Stay);
+        assert!(cfg.agents[1].routes.is_empty());
+    }
+
+    #[test]
+    fn route_problems_name_the_agent_and_the_rule() {
+        let route = |body: &str| two_agents(&format!("[[agents.routes]]\n{body}"));
+        fails_with(
+            &route("when = \"risk_score >=\""),
+            "agents[0] (\"a\").routes[0].when: column 14: mismatched input '<EOF>'",
+        );
+        fails_with(
+            &route("name = \"fraud\"\nwhen = \"caller.startswith('+44')\""),
+            "agents[0] (\"a\").routes[0] (\"fraud\").when: unknown function \"startswith\"",
+        );
+        fails_with(
+            &route("upstream = \"sip:127.0.0.1\""),
+            "agents[0] (\"a\").routes[0].when: missing",
+        );
+        fails_with(
+            &route("when = \"true\"\nupstream = \"sip:127.0.0.1\"\nagent = \"sales\""),
+            "agents[0] (\"a\").routes[0]: upstream and agent are mutually exclusive",
+        );
+        fails_with(
+            &route("when = \"true\"\nagent = \"nobody\""),
+            "agents[0] (\"a\").routes[0].agent: no agent \"nobody\"",
+        );
+        fails_with(
+            &route("when = \"true\"\nagent = \"a\""),
+            "agents[0] (\"a\").routes[0].agent: \"a\" is this agent",
+        );
+        fails_with(
+            &route("when = \"true\"\nupstream = \"http://x\""),
+            "agents[0] (\"a\").routes[0].upstream: \"http://x\" is not sip:HOST",
+        );
+        fails_with(
+            &route("when = \"true\"\nupstream = [\"sip:127.0.0.1\", \"sip:x y\"]"),
+            "agents[0] (\"a\").routes[0].upstream[1]:",
+        );
+        fails_with(
+            &route("when = \"true\"\nupstream = []"),
+            "agents[0] (\"a\").routes[0].upstream: an empty list",
+        );
+        fails_with(
+            &route("name = \"a b\"\nwhen = \"true\""),
+            "agents[0] (\"a\").routes[0].name: \"a b\" must be 1 to 64",
+        );
+        fails_with(
+            &route("name = \"12\"\nwhen = \"true\""),
+            "agents[0] (\"a\").routes[0].name: \"12\" must be",
+        );
+        fails_with(
+            &route(
+                "name = \"x\"\nwhen = \"true\"\n[[agents.routes]]\nname = \"X\"\nwhen = \"true\"",
+            ),
+            "agents[0] (\"a\").routes[1] (\"X\").name: duplicate \"X\"",
+        );
+        fails_with(
+            &route("when = \"true\"\nset = { x = nan }"),
+            "agents[0] (\"a\").routes[0].set.x: nan and inf",
+        );
+        fails_with(
+            &route("when = \"true\"\nstay = true"),
+            "line 8, column 1: unknown field `stay`",
+        );
+        // The second agent's rules name the second agent.
+        fails_with(
+            &format!("{}[[agents.routes]]\nwhen = \"(\"\n", two_agents("")),
+            "agents[1] (\"sales\").routes[0].when: ",
+        );
+        // Every broken rule is reported.
+        let got = problems(&route(
+            "when = \"(\"\n[[agents.routes]]\nwhen = \"true\"\n[[agents.routes]]\nwhen = \")\"",
+        ));
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got[0].starts_with("agents[0] (\"a\").routes[0].when: "));
+        assert!(got[1].starts_with("agents[0] (\"a\").routes[2].when: "));
+    }
+
+    #[test]
+    fn bundled_route_examples_are_valid() {
+        // Uncomment the routing examples of the first agent and the second agent.
+        let start = BUNDLED.find("# [[agents.routes]]").unwrap();
+        let second = BUNDLED.find("# [[agents]]").unwrap();
+        assert!(start < second);
+        // Commented-out TOML lines only; prose stays a comment.
+        let uncomment = |text: &str| {
+            text.lines()
+                .map(|l| match l.strip_prefix("# ") {
+                    Some(toml) if toml.starts_with('[') || toml.contains(" = ") => toml,
+                    _ => l,
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let text = format!(
+            "{}\n{}\n{}",
+            &BUNDLED[..start],
+            uncomment(&BUNDLED[start..second]),
+            uncomment(&BUNDLED[second..])
+        );
+        let cfg = Config::from_toml_str(&text).unwrap();
+        let routes = &cfg.agents[0].routes;
+        assert_eq!(routes.len(), 2);
+        assert_eq!(routes[0].name.as_deref(), Some("fraud"));
+        assert!(matches!(routes[0].target, RouteTarget::Upstreams(_)));
+        assert_eq!(routes[1].target, RouteTarget::Agent("sales-uk".into()));
     }
 }

@@ -22,12 +22,27 @@
 //!   size, `{prefix}Truncated: true` is added.
 //! - Always added after the context, not counted against `max_bytes`: `{prefix}Status`
 //!   and `{prefix}Wait-Ms`.
+//!
+//! # Delivery modes ([`pairs_for_mode`], DESIGN.md / issue 3 "Delivery modes")
+//! - `headers`, `both`: the field headers above (`both` also POSTs the context, which is
+//!   the caller's job: [`delivery_body`] builds the body).
+//! - `json`: one `{prefix}Context` header holding base64url without padding (RFC 4648
+//!   §5) of the compact JSON object, fields in context order, `null` fields left out like
+//!   in `headers`. The line counts against `max_bytes` like a field; when it does not fit
+//!   it is left out whole and `{prefix}Truncated: true` is added (an agent must never
+//!   receive half an object).
+//! - `http`: no context headers at all; the context travels in the POST.
+//!
+//! Then, in every mode: `{prefix}Status`, `{prefix}Wait-Ms`, the extra headers the
+//! caller passes (`Route`, `Delivery`), values cleaned like context values, and
+//! `{prefix}Truncated: true` last when something was dropped for size.
 
 use std::fmt;
 
-use serde_json::{Map, Value};
+use base64::Engine as _;
+use serde_json::{json, Map, Value};
 
-use crate::config::InjectConfig;
+use crate::config::{InjectConfig, InjectMode};
 
 /// Header names (after the prefix) that precall itself sets or will set; context fields
 /// with these names are renamed `Ctx-{field}`.
@@ -99,17 +114,153 @@ pub fn effective_context(
     out
 }
 
-/// The header (name, value) pairs a call gets, in order: context fields (within
-/// `max_bytes`), then `{prefix}Status`, `{prefix}Wait-Ms`, and `{prefix}Truncated: true`
-/// when fields were dropped. The rules are in the module docs.
+/// A matched route's `set` fields laid over the context: a `set` field replaces the
+/// context field of the same name (in place), others are appended in `set` order.
+pub fn apply_set(context: &mut Map<String, Value>, set: &Map<String, Value>) {
+    for (field, value) in set {
+        context.insert(field.clone(), value.clone());
+    }
+}
+
+/// The header (name, value) pairs a call gets in `headers` mode, whatever `cfg.mode`
+/// says, in order: context fields (within `max_bytes`), then `{prefix}Status`,
+/// `{prefix}Wait-Ms`, and `{prefix}Truncated: true` when fields were dropped. The rules
+/// are in the module docs.
 pub fn header_pairs(
     cfg: &InjectConfig,
     status: Status,
     wait_ms: u64,
     context: &Map<String, Value>,
 ) -> Vec<(String, String)> {
+    pairs(cfg, InjectMode::Headers, status, wait_ms, context, &[])
+}
+
+/// The header (name, value) pairs a call gets for `cfg.mode` (module docs, "Delivery
+/// modes"): the context headers of the mode, then `{prefix}Status`, `{prefix}Wait-Ms`,
+/// then each `extra` pair as `{prefix}{name}: value` (e.g. `("Route", label)`,
+/// `("Delivery", "failed".into())`; a name is made a token, a value is cleaned like a
+/// context value), then `{prefix}Truncated: true` when something was dropped for size.
+pub fn pairs_for_mode(
+    cfg: &InjectConfig,
+    status: Status,
+    wait_ms: u64,
+    context: &Map<String, Value>,
+    extra: &[(&str, String)],
+) -> Vec<(String, String)> {
+    pairs(cfg, cfg.mode, status, wait_ms, context, extra)
+}
+
+/// [`pairs_for_mode`] rendered as CRLF-terminated header lines ready to splice into a
+/// message.
+pub fn render_for_mode(
+    cfg: &InjectConfig,
+    status: Status,
+    wait_ms: u64,
+    context: &Map<String, Value>,
+    extra: &[(&str, String)],
+) -> Vec<u8> {
+    render(pairs_for_mode(cfg, status, wait_ms, context, extra))
+}
+
+/// What an `http`/`both` delivery POSTs to `inject.url`, before the INVITE is forwarded.
+#[derive(Debug, Clone, Copy)]
+pub struct Delivery<'a> {
+    pub call_id: &'a str,
+    pub agent_id: &'a str,
+    /// The caller's number as normalised, `""` when unknown.
+    pub caller: &'a str,
+    /// The called number as normalised, `""` when unknown.
+    pub called: &'a str,
+    pub status: Status,
+    pub wait_ms: u64,
+    /// The matched rule's label (`X-Precall-Route`), `None` when no rule matched.
+    pub route: Option<&'a str>,
+    /// The effective context, route `set` fields applied.
+    pub context: &'a Map<String, Value>,
+}
+
+/// The JSON body of an HTTP delivery: `{callId, agentId, caller, called, status, waitMs,
+/// route, context}`, `route` `null` when no rule matched. The context goes as it is
+/// (JSON carries any value safely; `null` fields included), unbounded by `max_bytes`,
+/// which is about SIP headers.
+pub fn delivery_body(delivery: &Delivery<'_>) -> Value {
+    json!({
+        "callId": delivery.call_id,
+        "agentId": delivery.agent_id,
+        "caller": delivery.caller,
+        "called": delivery.called,
+        "status": delivery.status.as_str(),
+        "waitMs": delivery.wait_ms,
+        "route": delivery.route,
+        "context": delivery.context,
+    })
+}
+
+/// The `json` mode header value: base64url, no padding, of the compact JSON object
+/// without its `null` fields.
+pub fn json_header_value(context: &Map<String, Value>) -> String {
+    let without_nulls: Map<String, Value> = context
+        .iter()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let compact = Value::Object(without_nulls).to_string();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(compact)
+}
+
+fn pairs(
+    cfg: &InjectConfig,
+    mode: InjectMode,
+    status: Status,
+    wait_ms: u64,
+    context: &Map<String, Value>,
+    extra: &[(&str, String)],
+) -> Vec<(String, String)> {
     let prefix = cfg.prefix.as_str();
-    let mut pairs = Vec::with_capacity(context.len() + 3);
+    let mut pairs = Vec::with_capacity(context.len() + 4 + extra.len());
+    let is_truncated = match mode {
+        InjectMode::Headers | InjectMode::Both => field_pairs(cfg, context, &mut pairs),
+        InjectMode::Json => {
+            let name = format!("{prefix}Context");
+            let value = json_header_value(context);
+            // `name: value\r\n`
+            let line_bytes = name.len().saturating_add(value.len()).saturating_add(4);
+            if line_bytes <= cfg.max_bytes {
+                pairs.push((name, value));
+                false
+            } else {
+                true
+            }
+        }
+        InjectMode::Http => false,
+    };
+    pairs.push((format!("{prefix}Status"), status.as_str().to_string()));
+    pairs.push((format!("{prefix}Wait-Ms"), wait_ms.to_string()));
+    for (name, value) in extra {
+        let name: String = name
+            .chars()
+            .map(|c| match u8::try_from(c) {
+                Ok(b) if is_token_char(b) => c,
+                _ => '-',
+            })
+            .collect();
+        pairs.push((format!("{prefix}{name}"), sanitise(value.clone())));
+    }
+    if is_truncated {
+        pairs.push((format!("{prefix}Truncated"), "true".to_string()));
+    }
+    pairs
+}
+
+/// Pushes the per-field context headers within `max_bytes`; whether a field was dropped
+/// for size.
+fn field_pairs(
+    cfg: &InjectConfig,
+    context: &Map<String, Value>,
+    pairs: &mut Vec<(String, String)>,
+) -> bool {
+    let prefix = cfg.prefix.as_str();
+    let first = pairs.len();
     let mut used_bytes = 0usize;
     let mut is_truncated = false;
     for (field, value) in context {
@@ -119,7 +270,7 @@ pub fn header_pairs(
         let Some(value) = header_value(value) else {
             continue;
         };
-        if pairs
+        if pairs[first..]
             .iter()
             .any(|(seen, _): &(String, String)| seen.eq_ignore_ascii_case(&name))
         {
@@ -135,12 +286,7 @@ pub fn header_pairs(
             _ => is_truncated = true,
         }
     }
-    pairs.push((format!("{prefix}Status"), status.as_str().to_string()));
-    pairs.push((format!("{prefix}Wait-Ms"), wait_ms.to_string()));
-    if is_truncated {
-        pairs.push((format!("{prefix}Truncated"), "true".to_string()));
-    }
-    pairs
+    is_truncated
 }
 
 /// [`header_pairs`] rendered as CRLF-terminated header lines ready to splice into a message.
@@ -150,8 +296,12 @@ pub fn render_headers(
     wait_ms: u64,
     context: &Map<String, Value>,
 ) -> Vec<u8> {
+    render(header_pairs(cfg, status, wait_ms, context))
+}
+
+fn render(pairs: Vec<(String, String)>) -> Vec<u8> {
     let mut out = Vec::new();
-    for (name, value) in header_pairs(cfg, status, wait_ms, context) {
+    for (name, value) in pairs {
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
@@ -422,6 +572,214 @@ mod tests {
         assert_eq!(got[1], p("X-Ctx-Status", "waited"));
     }
 
+    fn mode_cfg(mode: InjectMode, max_bytes: usize) -> InjectConfig {
+        InjectConfig {
+            mode,
+            ..cfg(max_bytes)
+        }
+    }
+
+    fn decode(value: &str) -> Value {
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(value)
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[test]
+    fn headers_mode_matches_header_pairs_plus_extras() {
+        let ctx = obj(json!({"a": "1", "route": "posted"}));
+        let plain = header_pairs(&cfg(1024), Status::Waited, 9, &ctx);
+        assert_eq!(
+            pairs_for_mode(&cfg(1024), Status::Waited, 9, &ctx, &[]),
+            plain
+        );
+        let extra = [
+            ("Route", "fraud".to_string()),
+            ("Delivery", "failed".to_string()),
+        ];
+        let got = pairs_for_mode(&cfg(1024), Status::Waited, 9, &ctx, &extra);
+        assert_eq!(
+            got,
+            [
+                p("X-Precall-a", "1"),
+                p("X-Precall-Ctx-route", "posted"),
+                p("X-Precall-Status", "waited"),
+                p("X-Precall-Wait-Ms", "9"),
+                p("X-Precall-Route", "fraud"),
+                p("X-Precall-Delivery", "failed"),
+            ]
+        );
+        // `both` puts the same headers on the INVITE.
+        assert_eq!(
+            pairs_for_mode(
+                &mode_cfg(InjectMode::Both, 1024),
+                Status::Waited,
+                9,
+                &ctx,
+                &extra
+            ),
+            got
+        );
+    }
+
+    #[test]
+    fn extras_are_cleaned_and_come_before_truncated() {
+        let ctx = obj(json!({"big": "x".repeat(50)}));
+        let extra = [
+            ("Route", " a\r\nVia: x ".to_string()),
+            ("bad name", "v".to_string()),
+        ];
+        let got = pairs_for_mode(&cfg(10), Status::Hit, 0, &ctx, &extra);
+        assert_eq!(
+            got,
+            [
+                p("X-Precall-Status", "hit"),
+                p("X-Precall-Wait-Ms", "0"),
+                p("X-Precall-Route", "a  Via: x"),
+                p("X-Precall-bad-name", "v"),
+                p("X-Precall-Truncated", "true"),
+            ]
+        );
+    }
+
+    #[test]
+    fn json_mode_is_one_header_that_decodes_to_the_context() {
+        let ctx = obj(json!({
+            "customer_name": "Zoë", "risk_score": 92, "tags": ["vip", 1],
+            "nested": {"a": {"b": null}}, "line": "x\r\nVia: evil", "cleared": null
+        }));
+        let json_cfg = mode_cfg(InjectMode::Json, 1024);
+        let got = pairs_for_mode(&json_cfg, Status::Hit, 3, &ctx, &[("Route", "1".into())]);
+        let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "X-Precall-Context",
+                "X-Precall-Status",
+                "X-Precall-Wait-Ms",
+                "X-Precall-Route"
+            ]
+        );
+        let value = &got[0].1;
+        assert!(value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        let mut want = ctx.clone();
+        want.remove("cleared");
+        assert_eq!(decode(value), Value::Object(want));
+        // Compact JSON, in context order.
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(value)
+            .unwrap();
+        assert!(raw.starts_with(br#"{"customer_name":"Z"#));
+        // An empty context is still an (empty) object.
+        let got = pairs_for_mode(&json_cfg, Status::Fallback, 0, &Map::new(), &[]);
+        assert_eq!(got[0], p("X-Precall-Context", "e30"));
+        assert_eq!(decode("e30"), json!({}));
+    }
+
+    #[test]
+    fn json_header_too_big_is_dropped_whole() {
+        let ctx = obj(json!({"a": "12345"}));
+        let value = json_header_value(&ctx);
+        // "X-Precall-Context: " + value + CRLF
+        let exact = "X-Precall-Context".len() + value.len() + 4;
+        let fits = pairs_for_mode(
+            &mode_cfg(InjectMode::Json, exact),
+            Status::Hit,
+            0,
+            &ctx,
+            &[],
+        );
+        assert_eq!(fits[0].0, "X-Precall-Context");
+        assert!(!fits.iter().any(|(n, _)| n == "X-Precall-Truncated"));
+        let got = pairs_for_mode(
+            &mode_cfg(InjectMode::Json, exact - 1),
+            Status::Hit,
+            0,
+            &ctx,
+            &[],
+        );
+        assert_eq!(
+            got,
+            [
+                p("X-Precall-Status", "hit"),
+                p("X-Precall-Wait-Ms", "0"),
+                p("X-Precall-Truncated", "true"),
+            ]
+        );
+    }
+
+    #[test]
+    fn http_mode_carries_status_headers_only() {
+        let ctx = obj(json!({"a": "1", "b": 2}));
+        let http_cfg = InjectConfig {
+            url: Some("http://127.0.0.1:9/ctx".into()),
+            ..mode_cfg(InjectMode::Http, 1024)
+        };
+        let got = pairs_for_mode(
+            &http_cfg,
+            Status::LookedUp,
+            120,
+            &ctx,
+            &[("Delivery", "failed".into())],
+        );
+        assert_eq!(
+            got,
+            [
+                p("X-Precall-Status", "looked-up"),
+                p("X-Precall-Wait-Ms", "120"),
+                p("X-Precall-Delivery", "failed"),
+            ]
+        );
+        assert_eq!(
+            render_for_mode(&http_cfg, Status::Hit, 0, &ctx, &[]),
+            b"X-Precall-Status: hit\r\nX-Precall-Wait-Ms: 0\r\n"
+        );
+    }
+
+    #[test]
+    fn delivery_body_shape() {
+        let ctx = obj(json!({"customer_name": "Ada", "n": null}));
+        let body = delivery_body(&Delivery {
+            call_id: "abc@host",
+            agent_id: "support-agent",
+            caller: "+14155550123",
+            called: "+15550100",
+            status: Status::Waited,
+            wait_ms: 140,
+            route: Some("fraud"),
+            context: &ctx,
+        });
+        assert_eq!(
+            body.to_string(),
+            r#"{"callId":"abc@host","agentId":"support-agent","caller":"+14155550123","called":"+15550100","status":"waited","waitMs":140,"route":"fraud","context":{"customer_name":"Ada","n":null}}"#
+        );
+        let body = delivery_body(&Delivery {
+            call_id: "c",
+            agent_id: "a",
+            caller: "",
+            called: "",
+            status: Status::Fallback,
+            wait_ms: 0,
+            route: None,
+            context: &Map::new(),
+        });
+        assert_eq!(body["route"], Value::Null);
+        assert_eq!(body["context"], json!({}));
+    }
+
+    #[test]
+    fn set_fields_override_in_place_and_append() {
+        let mut ctx = obj(json!({"flow": "normal", "a": 1}));
+        apply_set(&mut ctx, &obj(json!({"b": true, "flow": "verification"})));
+        assert_eq!(
+            Value::Object(ctx).to_string(),
+            r#"{"flow":"verification","a":1,"b":true}"#
+        );
+    }
+
     #[test]
     fn token_check() {
         assert!(is_token("X-Precall-"));
@@ -456,6 +814,26 @@ mod tests {
                 let (name, value) = line.split_once(": ").unwrap();
                 prop_assert!(is_token(name), "{name:?}");
                 prop_assert!(!value.contains(is_line_breaking), "{value:?}");
+            }
+        }
+
+        /// `json` mode: the header decodes back to the context (nulls aside), or is left
+        /// out with Truncated when it does not fit; the line never exceeds max_bytes.
+        #[test]
+        fn json_header_round_trips(
+            fields in proptest::collection::vec((any::<String>(), any::<String>()), 0..8),
+            max_bytes in 0usize..2048,
+        ) {
+            let ctx: Map<String, Value> =
+                fields.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
+            let got = pairs_for_mode(&mode_cfg(InjectMode::Json, max_bytes), Status::Hit, 0, &ctx, &[]);
+            match got.first() {
+                Some((name, value)) if name == "X-Precall-Context" => {
+                    prop_assert!(name.len() + value.len() + 4 <= max_bytes);
+                    prop_assert_eq!(decode(value), Value::Object(ctx));
+                    prop_assert!(!got.iter().any(|(n, _)| n == "X-Precall-Truncated"));
+                }
+                _ => prop_assert_eq!(&got.last().unwrap().0, "X-Precall-Truncated"),
             }
         }
     }

@@ -11,7 +11,8 @@
 //! - [`config`]: TOML → validated [`config::Config`]; binds nothing.
 //! - [`number`]: phone numbers → E.164 (`phonenumber`), user parts of `sip:`/`sips:`/`tel:` URIs.
 //! - [`agent`]: which agent a call is for, who is calling (pure).
-//! - [`inject`]: context → `X-Precall-*` header lines, sanitised and bounded (pure).
+//! - [`inject`]: context → `X-Precall-*` header lines (or one JSON header), sanitised and bounded (pure).
+//! - [`route`]: routing rules: CEL expressions over the settled context pick where a call goes (pure).
 //! - [`sip::message`], [`sip::parse`]: zero-copy SIP parser over `bytes::Bytes`, byte-splicing editor.
 //! - [`sip::transaction`]: RFC 3261 §17 timers and transaction keys (pure).
 //! - [`sip::proxy`]: RFC 3261 §16 proxy core: hold, forward, CANCEL, Record-Route (sans-IO).
@@ -27,6 +28,7 @@ pub mod cli;
 pub mod config;
 pub mod inject;
 pub mod number;
+pub mod route;
 pub mod sip;
 pub mod store;
 pub mod webhook;

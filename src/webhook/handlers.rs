@@ -16,9 +16,11 @@ use serde_json::{json, Map, Value};
 use super::auth::{self, Authenticated};
 use super::error::ApiError;
 use super::AppState;
-use crate::config::AgentConfig;
+use crate::agent::Routing;
+use crate::config::{AgentConfig, RouteTarget};
 use crate::inject::{self, Status};
 use crate::number::{self, E164};
+use crate::route::RouteInput;
 use crate::store::CallerKey;
 
 /// The body fields that address the context; every other field is the context.
@@ -59,6 +61,16 @@ pub async fn post_precall(
 }
 
 /// `POST /v1/precall/test`: what a call would get for this payload, caching nothing.
+///
+/// The call is imagined as a hit (context cached when the INVITE arrives) from the posted
+/// number to the agent's first number (`""` when it lists none). Its routing rules are
+/// evaluated as a call's would be; the answer's `route` is `null` when none matched, else
+/// `{index, name, label, upstream, agent, set}` with `upstream` where the call would go
+/// and `agent` the hand-over agent or `null`. The headers are those of the injection
+/// config that would apply (the hand-over agent's for `agent = ...`), with the rule's
+/// `set` fields over the context and `X-Precall-Route`. `routeErrors` lists the rules
+/// whose expression failed on this payload (they do not match). A delivery (`http`,
+/// `both`) is not made.
 pub async fn test_precall(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -66,17 +78,62 @@ pub async fn test_precall(
 ) -> Result<Response, ApiError> {
     let posted = validate_post(&state, &headers, body).await?;
     let agent = posted.agent;
-    let effective = inject::effective_context(&agent.defaults, Some(&posted.context));
-    let headers: Vec<Value> = inject::header_pairs(&agent.inject, Status::Hit, 0, &effective)
-        .into_iter()
-        .map(|(name, value)| json!({ "name": name, "value": value }))
+    let mut effective = inject::effective_context(&agent.defaults, Some(&posted.context));
+    let called = agent.numbers.first().map_or("", String::as_str);
+    let routing = match state.agents.index_of(&agent.id) {
+        Some(index) => state.agents.route(
+            index,
+            &RouteInput {
+                context: &effective,
+                caller: posted.key.number.as_str(),
+                called,
+                agent: &agent.id,
+                status: Status::Hit.as_str(),
+            },
+        ),
+        None => Routing::default(),
+    };
+    let route_errors: Vec<Value> = routing
+        .errors
+        .iter()
+        .map(|(index, error)| json!({ "index": index, "error": error }))
         .collect();
+    let (inject_cfg, route, extra) = match &routing.decision {
+        None => (&agent.inject, Value::Null, Vec::new()),
+        Some(decision) => {
+            inject::apply_set(&mut effective, &decision.route.set);
+            let handed_over = match &decision.route.target {
+                RouteTarget::Agent(id) => Some(id.as_str()),
+                RouteTarget::Upstreams(_) | RouteTarget::Stay => None,
+            };
+            let route = json!({
+                "index": decision.index,
+                "name": decision.route.name,
+                "label": decision.label,
+                "upstream": decision.upstreams.iter().map(|u| u.uri.as_str()).collect::<Vec<_>>(),
+                "agent": handed_over,
+                "set": decision.route.set,
+            });
+            (
+                &decision.agent.inject,
+                route,
+                vec![("Route", decision.label.clone())],
+            )
+        }
+    };
+    let headers: Vec<Value> =
+        inject::pairs_for_mode(inject_cfg, Status::Hit, 0, &effective, &extra)
+            .into_iter()
+            .map(|(name, value)| json!({ "name": name, "value": value }))
+            .collect();
     let answer = json!({
         "agentId": agent.id,
         "phoneNumber": posted.key.number.as_str(),
         "status": Status::Hit.as_str(),
+        "mode": inject_cfg.mode.as_str(),
         "headers": headers,
-        "route": Value::Null,
+        "route": route,
+        "routeErrors": route_errors,
     });
     Ok((StatusCode::OK, Json(answer)).into_response())
 }

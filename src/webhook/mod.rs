@@ -12,8 +12,9 @@
 //! 4. `400` body not JSON, not an object, `agentId` / `phoneNumber` missing or not a string.
 //! 5. `404` `agentId` names no agent; `401` the key is valid but belongs to another agent.
 //! 6. `422` `phoneNumber` does not parse as a phone number (the agent's `default_region`).
-//! 7. Only then the store: `202` (or `200` with the would-be headers for `/test`, which
-//!    stores nothing); `503` `store unavailable` when the store fails, cause only logged.
+//! 7. Only then the store: `202` (or `200` for `/test`, which stores nothing and answers
+//!    the route the agent's rules pick for the payload and the headers a call would get);
+//!    `503` `store unavailable` when the store fails, cause only logged.
 //!
 //! `GET` and `DELETE /v1/precall/{agentId}/{phoneNumber}`: `400` undecodable path, `401`
 //! key, `404`/`401` agent, `422` number, then the store. The number in the path is

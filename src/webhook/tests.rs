@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap, Method, Request, StatusCode};
+use base64::Engine as _;
 use futures_util::FutureExt;
 use http_body_util::BodyExt;
 use serde_json::{json, Map, Value};
@@ -15,8 +16,8 @@ use tower::ServiceExt;
 use super::{router, AppState};
 use crate::agent::Agents;
 use crate::config::{
-    AgentConfig, CallerSource, Config, HttpConfig, InjectConfig, SipConfig, StoreBackend,
-    StoreConfig, Transport, Upstream,
+    AgentConfig, CallerSource, Config, HttpConfig, InjectConfig, InjectMode, RouteConfig,
+    RouteTarget, SipConfig, StoreBackend, StoreConfig, Transport, Upstream,
 };
 use crate::number::E164;
 use crate::store::memory::MemoryStore;
@@ -65,6 +66,7 @@ fn config() -> Config {
         http: HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             max_body_bytes: MAX_BODY,
+            client_concurrency: 256,
         },
         store: StoreConfig {
             backend: StoreBackend::Memory,
@@ -94,7 +96,14 @@ impl Harness {
     }
 
     fn with_store(store: Arc<MemoryStore>, backend: Arc<dyn ContextStore>) -> Harness {
-        let config = config();
+        Harness::with_config(store, backend, config())
+    }
+
+    fn with_config(
+        store: Arc<MemoryStore>,
+        backend: Arc<dyn ContextStore>,
+        config: Config,
+    ) -> Harness {
         let contexts = Contexts::new(backend, config.store.consume, config.store.ttl);
         let state = AppState {
             agents: Arc::new(Agents::new(Arc::new(config))),
@@ -706,4 +715,187 @@ async fn the_log_names_agent_and_number_but_never_the_key_or_context_values() {
     for never in [SUPPORT_KEY, "wrong-key-123", "078-05-1120", "ssn"] {
         assert!(!logged.contains(never), "{never:?} was logged: {logged}");
     }
+}
+
+/// `config()` with routing rules on support-agent, and sales-agent delivering in `json`
+/// mode under its own prefix.
+fn routed_config() -> Config {
+    let mut config = config();
+    let route = |name: Option<&str>, when: &str, target: RouteTarget, set: Value| RouteConfig {
+        name: name.map(str::to_string),
+        when: when.to_string(),
+        target,
+        set: match set {
+            Value::Object(map) => map,
+            _ => Map::new(),
+        },
+    };
+    config.agents[0].routes = vec![
+        route(
+            Some("fraud"),
+            "risk_score >= 80 || flagged == true",
+            RouteTarget::Upstreams(vec![Upstream {
+                uri: "sip:127.0.0.1:5090;transport=udp".to_string(),
+                transport: Transport::Udp,
+                addr: SocketAddr::from(([127, 0, 0, 1], 5090)),
+            }]),
+            json!({"flow": "verification"}),
+        ),
+        route(
+            None,
+            "lead_source != '' && int(budget) >= 5000",
+            RouteTarget::Agent("sales-agent".to_string()),
+            json!({"queue": "hot"}),
+        ),
+        route(
+            Some("uk"),
+            "caller.startsWith('+44') && called == '+15550100' && agent == 'support-agent' && status == 'hit'",
+            RouteTarget::Stay,
+            json!({}),
+        ),
+    ];
+    config.agents[1].inject = InjectConfig {
+        mode: InjectMode::Json,
+        prefix: "X-Sales-".to_string(),
+        ..InjectConfig::default()
+    };
+    config.agents[1].upstreams[0].uri = "sip:127.0.0.1:5080;transport=udp".to_string();
+    config
+}
+
+/// POSTs `body` to `/v1/precall/test` as support-agent against `routed_config()`.
+async fn dry_run(body: &str) -> Value {
+    let store = Arc::new(MemoryStore::new());
+    let h = Harness::with_config(store.clone(), store, routed_config());
+    let (status, _, answer) = h
+        .send(post(
+            "/v1/precall/test",
+            Some(SUPPORT_KEY),
+            body.to_string(),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(h.cached(), 0, "a dry run caches nothing");
+    answer
+}
+
+fn header_list(answer: &Value) -> Vec<(String, String)> {
+    answer["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["name"].as_str().unwrap().to_string(),
+                h["value"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn test_reports_a_route_to_other_upstreams_with_its_set_fields() {
+    let answer = dry_run(
+        r#"{"agentId":"support-agent","phoneNumber":"+14155550123","risk_score":92,"flow":"normal"}"#,
+    )
+    .await;
+    assert_eq!(
+        answer["route"],
+        json!({
+            "index": 0,
+            "name": "fraud",
+            "label": "fraud",
+            "upstream": ["sip:127.0.0.1:5090;transport=udp"],
+            "agent": null,
+            "set": {"flow": "verification"},
+        })
+    );
+    assert_eq!(answer["routeErrors"], json!([]));
+    assert_eq!(answer["mode"], "headers");
+    let headers = header_list(&answer);
+    let has = |name: &str, value: &str| headers.contains(&(name.to_string(), value.to_string()));
+    // `set` wins over the posted field of the same name.
+    assert!(has("X-Precall-flow", "verification"), "{headers:?}");
+    assert!(!has("X-Precall-flow", "normal"), "{headers:?}");
+    assert!(has("X-Precall-risk_score", "92"), "{headers:?}");
+    assert!(has("X-Precall-Route", "fraud"), "{headers:?}");
+    assert!(has("X-Precall-Status", "hit"), "{headers:?}");
+}
+
+#[tokio::test]
+async fn test_reports_a_hand_over_with_the_other_agents_injection() {
+    let answer = dry_run(
+        r#"{"agentId":"support-agent","phoneNumber":"+14155550123","lead_source":"ads","budget":"10000"}"#,
+    )
+    .await;
+    assert_eq!(answer["route"]["index"], 1);
+    assert_eq!(answer["route"]["name"], Value::Null);
+    assert_eq!(answer["route"]["label"], "1");
+    assert_eq!(answer["route"]["agent"], "sales-agent");
+    assert_eq!(
+        answer["route"]["upstream"],
+        json!(["sip:127.0.0.1:5080;transport=udp"])
+    );
+    // Rule 0 read fields the payload lacks: reported, without values, not matched.
+    let errors = answer["routeErrors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0]["index"], 0);
+    let error = errors[0]["error"].as_str().unwrap();
+    assert!(error.starts_with("no field "), "{error}");
+    // The sales agent's json mode and prefix.
+    assert_eq!(answer["mode"], "json");
+    let headers = header_list(&answer);
+    let names: Vec<&str> = headers.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "X-Sales-Context",
+            "X-Sales-Status",
+            "X-Sales-Wait-Ms",
+            "X-Sales-Route"
+        ]
+    );
+    assert_eq!(headers[3].1, "1");
+    let decoded = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(&headers[0].1)
+        .unwrap();
+    let context: Value = serde_json::from_slice(&decoded).unwrap();
+    assert_eq!(
+        context,
+        json!({
+            "lead_source": "ads", "budget": "10000",
+            "customer_name": "there", "tier": "standard", "queue": "hot"
+        })
+    );
+}
+
+#[tokio::test]
+async fn test_route_sees_caller_called_agent_and_status() {
+    let answer =
+        dry_run(r#"{"agentId":"support-agent","phoneNumber":"+44 20 7946 0958","risk_score":1,"flagged":false,"lead_source":""}"#)
+            .await;
+    assert_eq!(answer["route"]["label"], "uk");
+    assert_eq!(
+        answer["route"]["upstream"],
+        json!(["sip:127.0.0.1:5070;transport=udp"])
+    );
+    assert_eq!(answer["routeErrors"], json!([]));
+}
+
+#[tokio::test]
+async fn test_without_a_matching_route_says_null() {
+    let answer = dry_run(
+        r#"{"agentId":"support-agent","phoneNumber":"+14155550123","risk_score":"SECRET-92"}"#,
+    )
+    .await;
+    assert_eq!(answer["route"], Value::Null);
+    let errors = answer["routeErrors"].as_array().unwrap();
+    let failed: Vec<u64> = errors
+        .iter()
+        .map(|e| e["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(failed, [0, 1]);
+    assert!(!answer["routeErrors"].to_string().contains("SECRET"));
+    let headers = header_list(&answer);
+    assert!(headers.iter().all(|(n, _)| n != "X-Precall-Route"));
 }

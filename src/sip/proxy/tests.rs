@@ -65,6 +65,7 @@ fn config() -> Config {
         http: HttpConfig {
             listen: "127.0.0.1:8080".parse().unwrap(),
             max_body_bytes: 16384,
+            client_concurrency: 256,
         },
         store: StoreConfig {
             backend: StoreBackend::Memory,
