@@ -108,7 +108,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
         listeners,
         contexts,
         config.sip.max_message_bytes,
-        transport::HttpClient::new(256),
+        transport::HttpClient::new(config.http.client_concurrency),
         shutdown.clone(),
     )
     .await;

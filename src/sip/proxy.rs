@@ -33,6 +33,7 @@ use crate::agent::{self, Agents};
 use crate::config::{AgentConfig, Transport, Upstream};
 use crate::inject::{self, Status};
 use crate::number;
+use crate::route::RouteInput;
 use crate::store::{CallerKey, Context};
 
 use super::message::{HeaderName, Message, Method, Via};
@@ -562,7 +563,7 @@ impl Proxy {
                 self.finish_plan(now, call, !ok);
             }
             HttpPurpose::Lookup { hold } => {
-                if !self.calls.get(&hold).is_some_and(|c| c.hold.is_some()) {
+                if self.calls.get(&hold).is_none_or(|c| c.hold.is_none()) {
                     return; // released by a webhook or the fallback meanwhile
                 }
                 let context = match &answer {
@@ -1291,7 +1292,8 @@ impl Proxy {
 
     /// Evaluates the agent's `[[agents.routes]]` in order: the first match may add fields,
     /// send the call to other upstreams or hand it to another agent. Returns the route
-    /// label, the agent whose injection and upstreams apply, and those upstreams.
+    /// label, the agent whose injection and upstreams apply, and those upstreams. A rule
+    /// whose expression fails at run time does not match; it is logged and counted.
     fn apply_routes(
         &mut self,
         agents: &Agents,
@@ -1304,9 +1306,32 @@ impl Proxy {
         let Some(agent) = agents.config.agents.get(agent_index) else {
             return (None, agent_index, Vec::new());
         };
-        let stay = (None, agent_index, agent.upstreams.clone());
-        let _ = (context, caller, called, status);
-        stay
+        if agent.routes.is_empty() {
+            return (None, agent_index, agent.upstreams.clone());
+        }
+        let routing = agents.route(
+            agent_index,
+            &RouteInput {
+                context,
+                caller,
+                called,
+                agent: &agent.id,
+                status: status.as_str(),
+            },
+        );
+        for (rule, error) in &routing.errors {
+            self.stats.route_errors += 1;
+            debug!(agent = %agent.id, rule, %error, "route expression failed; rule does not match");
+        }
+        let Some(decision) = routing.decision else {
+            return (None, agent_index, agent.upstreams.clone());
+        };
+        let set = decision.route.set.clone();
+        let label = decision.label.clone();
+        let target = agents.index_of(&decision.agent.id).unwrap_or(agent_index);
+        let upstreams = decision.upstreams.to_vec();
+        inject::apply_set(context, &set);
+        (Some(label), target, upstreams)
     }
 
     /// Renders the header lines for the plan and forwards to the first usable upstream.
@@ -1973,16 +1998,7 @@ fn render_injection(
     context: &Map<String, Value>,
     extra: &[(&str, String)],
 ) -> Vec<u8> {
-    // Until the mode-aware renderer lands: field headers, then the extras.
-    let mut out = inject::render_headers(cfg, status, wait_ms, context);
-    for (name, value) in extra {
-        let clean: String = value
-            .chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .collect();
-        out.extend_from_slice(format!("{}{name}: {}\r\n", cfg.prefix, clean.trim()).as_bytes());
-    }
-    out
+    inject::render_for_mode(cfg, status, wait_ms, context, extra)
 }
 
 /// `inject.mode = "http"`: what the agent's endpoint receives before the INVITE.
@@ -1993,15 +2009,16 @@ fn delivery_payload(
     status: Status,
     wait_ms: u64,
 ) -> Bytes {
-    let body = serde_json::json!({
-        "callId": String::from_utf8_lossy(call.invite.call_id().unwrap_or_default()),
-        "agentId": target.id,
-        "caller": call.caller.as_ref().map(|c| c.as_str()),
-        "called": call.called,
-        "status": status.as_str(),
-        "waitMs": wait_ms,
-        "route": plan.route,
-        "context": plan.context,
+    let call_id = String::from_utf8_lossy(call.invite.call_id().unwrap_or_default());
+    let body = inject::delivery_body(&inject::Delivery {
+        call_id: &call_id,
+        agent_id: &target.id,
+        caller: call.caller.as_ref().map_or("", |c| c.as_str()),
+        called: &call.called,
+        status,
+        wait_ms,
+        route: plan.route.as_deref(),
+        context: &plan.context,
     });
     Bytes::from(body.to_string())
 }

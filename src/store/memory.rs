@@ -33,7 +33,7 @@ impl Entry {
 
     /// Live up to, not including, its deadline: a zero TTL is never visible.
     fn is_live(&self, now: Instant) -> bool {
-        self.expires_at.map_or(true, |at| now < at)
+        self.expires_at.is_none_or(|at| now < at)
     }
 }
 

@@ -75,7 +75,7 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
 fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     let value = value.trim_ascii();
     let (scheme, token) = value.split_at_checked(6)?;
-    if !scheme.eq_ignore_ascii_case(b"bearer") || !token.first().is_some_and(|b| *b == b' ') {
+    if !scheme.eq_ignore_ascii_case(b"bearer") || token.first().is_none_or(|b| *b != b' ') {
         return None;
     }
     Some(token.trim_ascii()).filter(|token| !token.is_empty())

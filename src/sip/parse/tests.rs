@@ -1214,11 +1214,7 @@ fn stream_errors() {
     let endless: Vec<u8> = b"INVITE sip:a@example.com SIP/2.0\r\n"
         .iter()
         .copied()
-        .chain(
-            std::iter::repeat(b"X-Pad: aaaaaaaaaa\r\n".iter().copied())
-                .take(100)
-                .flatten(),
-        )
+        .chain(std::iter::repeat_n(b"X-Pad: aaaaaaaaaa\r\n".iter().copied(), 100).flatten())
         .collect();
     assert_eq!(
         frame_stream(&endless, 1000),
