@@ -1,19 +1,35 @@
 //! Wires config, store, SIP and HTTP together for `precall run`: binds every socket first
-//! (so a port clash fails before anything runs), then serves until the token is cancelled.
+//! (so a port clash fails before anything runs), then serves until told to stop.
+//!
+//! Operating signals (see README "Operating"):
+//! - **drain** (SIGTERM/SIGINT): new INVITEs get `503` + `Retry-After`; held calls finish
+//!   (context or fallback), responses and in-dialog requests are still relayed, webhooks
+//!   are still taken; the process exits 0 once no call waits for an outcome, or after
+//!   `sip.drain_secs`. A second signal stops at once.
+//! - **reload** (SIGHUP, `precall reload`): the config file is read again and validated;
+//!   a bad one is refused (logged) and the running config stays. Agents, keys, numbers,
+//!   waits, routes, upstreams and injection change atomically for new calls and webhooks;
+//!   calls in flight keep the config they started with. Listen addresses and `[store]`
+//!   need a restart (logged when they differ).
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use axum::extract::Request;
+use axum::response::IntoResponse;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tower::ServiceExt;
+use tracing::{error, info, warn};
 
 use crate::agent::Agents;
 use crate::config::{Config, StoreBackend};
 use crate::sip::proxy::{Listener, Proxy};
-use crate::sip::transport;
+use crate::sip::transport::{self, Control, Stop};
 use crate::store::memory::MemoryStore;
 use crate::store::{ContextStore, Contexts};
 use crate::webhook::{self, AppState};
@@ -28,18 +44,30 @@ pub enum StartError {
     },
 }
 
-/// Runs the sidecar until `shutdown` is cancelled.
+/// What the process's signals ask for.
+pub struct Signals {
+    /// First SIGTERM/SIGINT.
+    pub drain: CancellationToken,
+    /// Second SIGTERM/SIGINT.
+    pub stop_now: CancellationToken,
+    /// One message per SIGHUP.
+    pub reload: mpsc::Receiver<()>,
+}
+
+/// Runs the sidecar until it has drained (or was stopped at once).
 ///
 /// # Errors
 /// A socket could not be bound.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), StartError> {
+pub async fn run(config_path: PathBuf, config: Config, signals: Signals) -> Result<(), StartError> {
     let config = Arc::new(config);
     let agents = Arc::new(Agents::new(Arc::clone(&config)));
+    let background = CancellationToken::new();
+    let _background_guard = background.clone().drop_guard();
 
     let store: Arc<dyn ContextStore> = match config.store.backend {
         StoreBackend::Memory => {
             let memory = Arc::new(MemoryStore::new());
-            memory.spawn_sweeper(Duration::from_secs(1), shutdown.child_token());
+            memory.spawn_sweeper(Duration::from_secs(1), background.child_token());
             memory
         }
     };
@@ -84,20 +112,45 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
     // soon as anyone can ask for it.
     let sip_ready = Arc::new(AtomicBool::new(true));
     info!("listening for HTTP on {http_addr}");
+
+    // The webhook router is rebuilt on reload; requests go to whichever is current.
     let state = AppState {
         agents: Arc::clone(&agents),
         contexts: Arc::clone(&contexts),
         sip_ready: Arc::clone(&sip_ready),
     };
-    let http_shutdown = shutdown.child_token();
+    let live = Arc::new(RwLock::new(webhook::router(state)));
+    let served = Arc::clone(&live);
+    let front = axum::Router::new().fallback(move |request: Request| {
+        let router = served.read().ok().map(|r| r.clone());
+        async move {
+            match router {
+                Some(router) => router.oneshot(request).await.into_response(),
+                None => axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+            }
+        }
+    });
+    let http_stop = CancellationToken::new();
+    let http_shutdown = http_stop.clone();
     let http_task = tokio::spawn(async move {
-        let served = axum::serve(http, webhook::router(state))
+        let served = axum::serve(http, front)
             .with_graceful_shutdown(http_shutdown.cancelled_owned())
             .await;
         if let Err(error) = served {
-            tracing::error!(%error, "HTTP server failed");
+            error!(%error, "HTTP server failed");
         }
     });
+
+    let (control_tx, control_rx) = mpsc::channel(4);
+    tokio::spawn(reload_loop(
+        config_path,
+        Arc::clone(&config),
+        signals.reload,
+        live,
+        Arc::clone(&contexts),
+        sip_ready,
+        control_tx,
+    ));
 
     let seed = random_seed();
     let proxy = Proxy::new(Arc::clone(&agents), listeners.clone(), seed);
@@ -109,12 +162,66 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
         contexts,
         config.sip.max_message_bytes,
         transport::HttpClient::new(config.http.client_concurrency),
-        shutdown.clone(),
+        control_rx,
+        Stop {
+            drain: signals.drain,
+            now: signals.stop_now,
+            drain_for: config.sip.drain,
+        },
     )
     .await;
+    http_stop.cancel();
     let _ = http_task.await;
     info!("precall stopped");
     Ok(())
+}
+
+/// Applies each SIGHUP: validate the file again, then swap agents into the webhook and
+/// the SIP loop; a bad file changes nothing.
+async fn reload_loop(
+    path: PathBuf,
+    running: Arc<Config>,
+    mut reload: mpsc::Receiver<()>,
+    live: Arc<RwLock<axum::Router>>,
+    contexts: Arc<Contexts>,
+    sip_ready: Arc<AtomicBool>,
+    control: mpsc::Sender<Control>,
+) {
+    while reload.recv().await.is_some() {
+        let config = match Config::load(&path) {
+            Ok(config) => config,
+            Err(e) => {
+                error!(config = %path.display(), problems = %e.problems.join("; "), "reload refused; the running config stays");
+                continue;
+            }
+        };
+        if config.sip.listen != running.sip.listen || config.http.listen != running.http.listen {
+            warn!("listen addresses changed: restart precall to apply them");
+        }
+        if config.store.backend != running.store.backend
+            || config.store.ttl != running.store.ttl
+            || config.store.consume != running.store.consume
+        {
+            warn!("[store] changed: restart precall to apply it");
+        }
+        let agents = Arc::new(Agents::new(Arc::new(config)));
+        let state = AppState {
+            agents: Arc::clone(&agents),
+            contexts: Arc::clone(&contexts),
+            sip_ready: Arc::clone(&sip_ready),
+        };
+        if let Ok(mut router) = live.write() {
+            *router = webhook::router(state);
+        }
+        if control
+            .send(Control::Reload(Arc::clone(&agents)))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        info!(agents = agents.config.agents.len(), config = %path.display(), "config reloaded");
+    }
 }
 
 /// A per-process random value for branches and tags, from the std hasher's random keys

@@ -38,6 +38,14 @@ pub enum Command {
         /// Log format: `text` or `json`.
         #[arg(long, default_value = "text")]
         log_format: String,
+        /// Write the process id here (for `precall reload` and service managers).
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
+    },
+    /// Ask a running precall to re-read its config (sends SIGHUP to the pid in the file).
+    Reload {
+        #[arg(long, default_value = "/run/precall.pid")]
+        pid_file: PathBuf,
     },
     /// Validate a config and print the resolved agents; exit 1 naming each problem.
     Check {
@@ -862,4 +870,32 @@ inject = { mode = "both", url = "http://127.0.0.1:9000/context", timeout_ms = 25
             "{err}"
         );
     }
+}
+
+/// `precall reload`: SIGHUP to the pid written by `run --pid-file`.
+///
+/// # Errors
+/// The pid file cannot be read or holds no live process.
+pub fn reload(pid_file: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(pid_file)
+        .with_context(|| format!("reading {}", pid_file.display()))?;
+    let pid: i32 = text.trim().parse().with_context(|| {
+        format!(
+            "{}: {:?} is not a process id",
+            pid_file.display(),
+            text.trim()
+        )
+    })?;
+    anyhow::ensure!(
+        pid > 1,
+        "{}: {pid} is not a precall process id",
+        pid_file.display()
+    );
+    // SAFETY: kill(2) with a plain pid and signal number has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(pid, libc::SIGHUP) };
+    if rc != 0 {
+        anyhow::bail!("signalling pid {pid}: {}", std::io::Error::last_os_error());
+    }
+    println!("sent SIGHUP to precall (pid {pid}); its log says whether the new config was taken");
+    Ok(())
 }

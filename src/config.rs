@@ -97,6 +97,8 @@ pub struct SipConfig {
     pub t1: Duration,
     /// Largest SIP message accepted, UDP or TCP (default 65535).
     pub max_message_bytes: usize,
+    /// `drain_secs` (default 30): on SIGTERM, how long held calls may finish.
+    pub drain: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -691,7 +693,8 @@ fn validate_sip(raw: RawSip, problems: &mut Problems) -> SipConfig {
             in_range(max_message_bytes, &MESSAGE_BYTES),
         );
     }
-    if let Some(drain_secs) = raw.drain_secs {
+    let drain_secs = raw.drain_secs.unwrap_or(30);
+    {
         if drain_secs > 3600 {
             problems.add(
                 "sip.drain_secs",
@@ -716,6 +719,7 @@ fn validate_sip(raw: RawSip, problems: &mut Problems) -> SipConfig {
         record_route: raw.record_route.unwrap_or(true),
         t1: Duration::from_millis(t1_ms),
         max_message_bytes: usize::try_from(max_message_bytes).unwrap_or(65_535),
+        drain: Duration::from_secs(drain_secs),
     }
 }
 

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
+use precall::app::Signals;
 use precall::cli::{Cli, Command};
 use precall::config::Config;
 use tokio_util::sync::CancellationToken;
@@ -27,16 +28,25 @@ fn main() -> ExitCode {
 
 fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Run { config, .. } => {
+        Command::Run {
+            config, pid_file, ..
+        } => {
             let cfg =
                 Config::load(&config).with_context(|| format!("config {}", config.display()))?;
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-            runtime.block_on(async {
-                let shutdown = CancellationToken::new();
-                tokio::spawn(cancel_on_signal(shutdown.clone()));
-                precall::app::run(cfg, shutdown).await
-            })?;
-            Ok(())
+            if let Some(pid_file) = &pid_file {
+                std::fs::write(pid_file, format!("{}\n", std::process::id()))
+                    .with_context(|| format!("writing {}", pid_file.display()))?;
+            }
+            let result = runtime.block_on(async {
+                let signals = listen_for_signals()?;
+                precall::app::run(config, cfg, signals).await?;
+                anyhow::Ok(())
+            });
+            if let Some(pid_file) = &pid_file {
+                let _ = std::fs::remove_file(pid_file);
+            }
+            result
         }
         Command::Check { config } => precall::cli::check(&config),
         Command::Curl {
@@ -53,6 +63,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             runtime.block_on(precall::cli::send(&config, &agent, &phone, &fields))
         }
+        Command::Reload { pid_file } => precall::cli::reload(&pid_file),
     }
 }
 
@@ -69,29 +80,42 @@ fn init_tracing(format: &str) {
     }
 }
 
-/// SIGTERM or SIGINT cancels the token: the listeners stop and `run` returns.
-async fn cancel_on_signal(token: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    token.cancel();
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+/// SIGTERM/SIGINT: the first drains, the second stops at once; SIGHUP reloads.
+fn listen_for_signals() -> anyhow::Result<Signals> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let drain = CancellationToken::new();
+    let stop_now = CancellationToken::new();
+    let (reload_tx, reload) = tokio::sync::mpsc::channel(4);
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let (d, s) = (drain.clone(), stop_now.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            if d.is_cancelled() {
+                tracing::warn!("second signal: stopping at once");
+                s.cancel();
+                return;
+            }
+            tracing::info!("signal received: draining");
+            d.cancel();
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
-    tracing::info!("signal received, stopping");
-    token.cancel();
+    });
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the config");
+            if reload_tx.send(()).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(Signals {
+        drain,
+        stop_now,
+        reload,
+    })
 }

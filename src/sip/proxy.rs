@@ -274,6 +274,8 @@ pub struct Proxy {
     out: VecDeque<Output>,
     stats: Stats,
     health: Health,
+    /// SIGTERM: no new calls (`503` + `Retry-After`); everything in flight continues.
+    draining: bool,
 }
 
 /// Upstream liveness from OPTIONS probes (`health_check_secs`). Only probed upstreams
@@ -347,6 +349,7 @@ impl Proxy {
             out: VecDeque::new(),
             stats: Stats::default(),
             health,
+            draining: false,
         }
     }
 
@@ -427,9 +430,37 @@ impl Proxy {
     }
 
     /// Swaps in a new agent table (config reload). Calls in flight keep the one they
-    /// started with.
-    pub fn set_agents(&mut self, agents: Arc<Agents>) {
+    /// started with; health states of upstreams that stay are kept.
+    pub fn set_agents(&mut self, now: Instant, agents: Arc<Agents>) {
+        let mut health = Health::new(&agents);
+        for (key, probe) in &mut health.probed {
+            if let Some(old) = self.health.probed.get(key) {
+                probe.up = old.up;
+                probe.answered = old.answered;
+            }
+        }
+        health.next_probe = health
+            .interval
+            .map(|_| self.health.next_probe.unwrap_or(now));
+        health.round = self.health.round;
+        health.by_branch = std::mem::take(&mut self.health.by_branch);
+        self.health = health;
         self.agents = agents;
+    }
+
+    /// Starts the graceful drain: new INVITEs get `503` with `Retry-After`; held calls,
+    /// forwarded calls, responses and in-dialog requests carry on.
+    pub fn start_drain(&mut self) {
+        self.draining = true;
+    }
+
+    /// Calls that still wait for their outcome: held, being delivered, or forwarded
+    /// without a final answer. The drain is over when this reaches 0.
+    pub fn pending_calls(&self) -> usize {
+        self.calls
+            .values()
+            .filter(|c| c.server == ServerState::Proceeding)
+            .count()
     }
 
     pub fn stats(&self) -> Stats {
@@ -688,6 +719,17 @@ impl Proxy {
         }
         if msg.max_forwards() == Some(0) {
             self.respond(&msg, &from, 483, "Too Many Hops", None);
+            return;
+        }
+        if self.draining {
+            // Shutting down: another node (or this one, restarted) should take it.
+            self.respond_with(
+                &msg,
+                &from,
+                503,
+                "Service Unavailable",
+                b"Retry-After: 5\r\n",
+            );
             return;
         }
         let agents = Arc::clone(&self.agents);
@@ -952,19 +994,13 @@ impl Proxy {
     }
 
     fn answer_options(&mut self, msg: &Message, from: &Peer) {
-        let mut resp = self
-            .build_response(msg, from, 200, "OK", Some("pcopt"))
-            .to_vec();
-        // splice Allow/Accept before the final CRLF of the header section
-        let at = resp.len().saturating_sub(2);
-        resp.splice(
-            at..at,
-            b"Allow: INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, PRACK\r\nAccept: application/sdp\r\n"
-                .iter()
-                .copied(),
+        self.respond_with(
+            msg,
+            from,
+            200,
+            "OK",
+            b"Allow: INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, PRACK\r\nAccept: application/sdp\r\n",
         );
-        let t = reply_target(msg.top_via().as_ref(), from, Bytes::from(resp));
-        self.out.push_back(Output::Transmit(t));
     }
 
     // ---------------------------------------------------------------- responses
@@ -1734,6 +1770,18 @@ impl Proxy {
         }
         out.extend_from_slice(b"Server: precall\r\nContent-Length: 0\r\n\r\n");
         Bytes::from(out)
+    }
+
+    /// Like [`Proxy::respond`], with extra header lines (CRLF-terminated).
+    fn respond_with(&mut self, req: &Message, from: &Peer, code: u16, reason: &str, extra: &[u8]) {
+        let tag = self.tag_prefix.clone();
+        let mut bytes = self
+            .build_response(req, from, code, reason, Some(&tag))
+            .to_vec();
+        let at = bytes.len().saturating_sub(2);
+        bytes.splice(at..at, extra.iter().copied());
+        let t = reply_target(req.top_via().as_ref(), from, Bytes::from(bytes));
+        self.out.push_back(Output::Transmit(t));
     }
 
     /// Builds and sends a response to a request we do not keep state for.

@@ -24,6 +24,7 @@ use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::agent::Agents;
 use crate::config::{ListenAddr, Transport};
 use crate::store::{Claim, Contexts};
 
@@ -226,7 +227,23 @@ struct Connections {
 /// Upper bound on bytes buffered for one TCP connection before it is dropped.
 const TCP_READ_CHUNK: usize = 16 * 1024;
 
-/// Runs the SIP side until `shutdown` is cancelled.
+/// What the rest of the process tells the SIP loop.
+pub enum Control {
+    /// A reloaded config: new calls use these agents; calls in flight keep theirs.
+    Reload(Arc<Agents>),
+}
+
+/// How the SIP loop stops.
+pub struct Stop {
+    /// Cancelled on SIGTERM/SIGINT: drain (no new calls; held ones finish).
+    pub drain: CancellationToken,
+    /// Cancelled on a second signal: stop at once.
+    pub now: CancellationToken,
+    /// Upper bound on the drain (`sip.drain_secs`).
+    pub drain_for: Duration,
+}
+
+/// Runs the SIP side until it has drained after `stop.drain`, or `stop.now`.
 pub async fn run(
     mut proxy: Proxy,
     sockets: Vec<(BoundSocket, SocketAddr)>,
@@ -234,8 +251,15 @@ pub async fn run(
     contexts: Arc<Contexts>,
     max_message_bytes: usize,
     http: HttpClient,
-    shutdown: CancellationToken,
+    mut control: mpsc::Receiver<Control>,
+    stop: Stop,
 ) {
+    // The sockets stay open through the drain (responses, in-dialog requests) and close
+    // when this function returns.
+    let io_stop = CancellationToken::new();
+    let _io_guard = io_stop.clone().drop_guard();
+    let shutdown = io_stop.clone();
+    let mut drain_deadline: Option<tokio::time::Instant> = None;
     let (tx, mut rx) = mpsc::channel::<Event>(65_536);
     proxy.start(tokio::time::Instant::now().into_std());
     let conns = Arc::new(Connections::default());
@@ -270,9 +294,27 @@ pub async fn run(
                 .as_mut()
                 .reset(tokio::time::Instant::now() + Duration::from_secs(3600)),
         }
+        let drain_at = drain_deadline
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             biased;
-            () = shutdown.cancelled() => break,
+            () = stop.now.cancelled() => {
+                warn!(pending = proxy.pending_calls(), "stopping at once");
+                break;
+            }
+            () = stop.drain.cancelled(), if drain_deadline.is_none() => {
+                proxy.start_drain();
+                drain_deadline = Some(tokio::time::Instant::now() + stop.drain_for);
+                info!(pending = proxy.pending_calls(), drain_secs = stop.drain_for.as_secs(), "draining: new calls get 503");
+            }
+            () = tokio::time::sleep_until(drain_at), if drain_deadline.is_some() => {
+                warn!(pending = proxy.pending_calls(), "drain time ran out");
+                break;
+            }
+            Some(Control::Reload(agents)) = control.recv() => {
+                proxy.set_agents(tokio::time::Instant::now().into_std(), agents);
+                info!("SIP side uses the reloaded config");
+            }
             () = &mut sleep => {
                 proxy.handle_timeout(tokio::time::Instant::now().into_std());
             }
@@ -423,6 +465,10 @@ pub async fn run(
             if immediate.is_empty() {
                 break;
             }
+        }
+        if drain_deadline.is_some() && proxy.pending_calls() == 0 {
+            info!("drained: every call has its outcome");
+            break;
         }
     }
     for (_, task) in waiting {

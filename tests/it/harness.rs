@@ -389,6 +389,8 @@ pub struct Precall {
     /// The webhook listener.
     pub http: SocketAddr,
     pub config: Config,
+    /// The config file the process was started with (rewrite it, then SIGHUP).
+    pub config_path: PathBuf,
     name: String,
     _dir: TempDir,
 }
@@ -418,6 +420,7 @@ impl Precall {
             tcp: "0.0.0.0:0".parse().unwrap(),
             http: "0.0.0.0:0".parse().unwrap(),
             config: config.clone(),
+            config_path: path.clone(),
             name: name.to_string(),
             _dir: dir,
         };
@@ -446,6 +449,30 @@ impl Precall {
             .unwrap();
         addr.parse()
             .unwrap_or_else(|e| panic!("bad address {addr:?} in {line:?}: {e}"))
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// Sends a signal (`"HUP"`, `"TERM"`) with kill(1).
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// Waits for the process to exit on its own: its stderr closing is the event, then
+    /// the exit status is collected.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if !self.log.wait_closed(timeout) {
+            return None;
+        }
+        self.child.as_mut()?.wait().ok()
     }
 
     /// Whether the process is still running.

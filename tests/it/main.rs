@@ -24,6 +24,7 @@ mod uas;
 mod calls;
 mod cli;
 mod load;
+mod operate;
 mod robustness;
 mod routing;
 mod rules;

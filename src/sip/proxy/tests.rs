@@ -61,6 +61,7 @@ fn config() -> Config {
             record_route: true,
             t1: Duration::from_millis(500),
             max_message_bytes: 65535,
+            drain: Duration::from_secs(30),
         },
         http: HttpConfig {
             listen: "127.0.0.1:8080".parse().unwrap(),
