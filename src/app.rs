@@ -158,7 +158,6 @@ pub async fn run(config_path: PathBuf, config: Config, signals: Signals) -> Resu
     transport::run(
         proxy,
         sockets,
-        listeners,
         contexts,
         config.sip.max_message_bytes,
         transport::HttpClient::new(config.http.client_concurrency),

@@ -523,6 +523,34 @@ async fn post(
     Ok(Answer { status, text, json })
 }
 
+/// `precall reload`: SIGHUP to the pid written by `run --pid-file`.
+///
+/// # Errors
+/// The pid file cannot be read or holds no live process.
+pub fn reload(pid_file: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(pid_file)
+        .with_context(|| format!("reading {}", pid_file.display()))?;
+    let pid: i32 = text.trim().parse().with_context(|| {
+        format!(
+            "{}: {:?} is not a process id",
+            pid_file.display(),
+            text.trim()
+        )
+    })?;
+    anyhow::ensure!(
+        pid > 1,
+        "{}: {pid} is not a precall process id",
+        pid_file.display()
+    );
+    // SAFETY: kill(2) with a plain pid and signal number has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(pid, libc::SIGHUP) };
+    if rc != 0 {
+        anyhow::bail!("signalling pid {pid}: {}", std::io::Error::last_os_error());
+    }
+    println!("sent SIGHUP to precall (pid {pid}); its log says whether the new config was taken");
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -870,32 +898,4 @@ inject = { mode = "both", url = "http://127.0.0.1:9000/context", timeout_ms = 25
             "{err}"
         );
     }
-}
-
-/// `precall reload`: SIGHUP to the pid written by `run --pid-file`.
-///
-/// # Errors
-/// The pid file cannot be read or holds no live process.
-pub fn reload(pid_file: &Path) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(pid_file)
-        .with_context(|| format!("reading {}", pid_file.display()))?;
-    let pid: i32 = text.trim().parse().with_context(|| {
-        format!(
-            "{}: {:?} is not a process id",
-            pid_file.display(),
-            text.trim()
-        )
-    })?;
-    anyhow::ensure!(
-        pid > 1,
-        "{}: {pid} is not a precall process id",
-        pid_file.display()
-    );
-    // SAFETY: kill(2) with a plain pid and signal number has no memory-safety preconditions.
-    let rc = unsafe { libc::kill(pid, libc::SIGHUP) };
-    if rc != 0 {
-        anyhow::bail!("signalling pid {pid}: {}", std::io::Error::last_os_error());
-    }
-    println!("sent SIGHUP to precall (pid {pid}); its log says whether the new config was taken");
-    Ok(())
 }

@@ -30,8 +30,7 @@ use crate::store::{Claim, Contexts};
 
 use super::parse::{self, ParseError};
 use super::proxy::{
-    ConnId, HoldId, HttpAnswer, HttpCall, HttpPurpose, Listener, Output, Peer, Proxy, Settled,
-    Transmit,
+    ConnId, HoldId, HttpAnswer, HttpCall, HttpPurpose, Output, Peer, Proxy, Settled, Transmit,
 };
 
 /// A bound SIP socket, before the loop starts.
@@ -247,7 +246,6 @@ pub struct Stop {
 pub async fn run(
     mut proxy: Proxy,
     sockets: Vec<(BoundSocket, SocketAddr)>,
-    listeners: Vec<Listener>,
     contexts: Arc<Contexts>,
     max_message_bytes: usize,
     http: HttpClient,
@@ -264,6 +262,9 @@ pub async fn run(
     proxy.start(tokio::time::Instant::now().into_std());
     let conns = Arc::new(Connections::default());
     let mut udp: HashMap<usize, Arc<UdpSocket>> = HashMap::new();
+    let tcp_listener = sockets
+        .iter()
+        .position(|(s, _)| matches!(s, BoundSocket::Tcp(_)));
     for (index, (sock, _)) in sockets.into_iter().enumerate() {
         match sock {
             BoundSocket::Udp(s) => {
@@ -282,7 +283,7 @@ pub async fn run(
             }
         }
     }
-    let tcp_listener = listeners.iter().position(|l| l.transport == Transport::Tcp);
+
     let mut waiting: HashMap<HoldId, AbortHandle> = HashMap::new();
     let sleep = tokio::time::sleep(Duration::from_secs(3600));
     tokio::pin!(sleep);

@@ -661,40 +661,54 @@ async fn an_undecodable_path_is_a_400() {
     assert!(message.starts_with("invalid path: "), "{message}");
 }
 
-/// A `MakeWriter` that appends to a shared buffer, to read back what was logged.
-#[derive(Clone, Default)]
-struct LogBuffer(Arc<std::sync::Mutex<Vec<u8>>>);
+/// Log capture for one test thread. The subscriber is the process-wide default, set
+/// once, so no callsite's interest can be cached as "never" by a thread that had no
+/// subscriber; each line goes to the buffer of the thread that logged it (none: dropped).
+mod capture {
+    use std::cell::RefCell;
+    use std::sync::{Arc, Mutex, Once};
 
-impl std::io::Write for LogBuffer {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
+    thread_local! {
+        static BUFFER: RefCell<Option<Arc<Mutex<Vec<u8>>>>> = const { RefCell::new(None) };
     }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuffer {
-    type Writer = LogBuffer;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
+    struct ThreadWriter;
+
+    impl std::io::Write for ThreadWriter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            BUFFER.with(|b| {
+                if let Some(buffer) = b.borrow().as_ref() {
+                    buffer.lock().unwrap().extend_from_slice(bytes);
+                }
+            });
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Starts capturing this thread's log lines; read them from the returned buffer.
+    pub fn start() -> Arc<Mutex<Vec<u8>>> {
+        static INIT: Once = Once::new();
+        INIT.call_once(|| {
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(|| ThreadWriter)
+                .with_max_level(tracing::Level::TRACE)
+                .with_ansi(false)
+                .finish();
+            let _ = tracing::subscriber::set_global_default(subscriber);
+        });
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        BUFFER.with(|b| *b.borrow_mut() = Some(Arc::clone(&buffer)));
+        buffer
     }
 }
 
 #[tokio::test]
 async fn the_log_names_agent_and_number_but_never_the_key_or_context_values() {
-    let logs = LogBuffer::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(logs.clone())
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .finish();
-    // Current-thread runtime: the default subscriber covers the whole request.
-    let _guard = tracing::subscriber::set_default(subscriber);
-    // Tests on other threads (no subscriber) may have cached "never" for these
-    // callsites; make them ask again now that this thread has one.
-    tracing::callsite::rebuild_interest_cache();
+    // Current-thread runtime: the whole request is handled on this thread.
+    let logs = capture::start();
     let h = Harness::new();
     let secret = r#"{"agentId":"support-agent","phoneNumber":"+14155550123","ssn":"078-05-1120"}"#;
     assert_eq!(
@@ -707,7 +721,7 @@ async fn the_log_names_agent_and_number_but_never_the_key_or_context_values() {
         .send(post("/v1/precall", Some("wrong-key-123"), secret))
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let logged = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
     assert!(logged.contains("context accepted"), "{logged}");
     assert!(
         logged.contains("support-agent") && logged.contains("+14155550123"),
