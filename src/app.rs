@@ -36,7 +36,7 @@ use crate::webhook::{self, AppState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot bind {what} on {addr}: {source}")]
+    #[error("cannot bind {what} on {addr}")]
     Bind {
         what: &'static str,
         addr: String,
@@ -77,7 +77,13 @@ pub async fn run(config_path: PathBuf, config: Config, signals: Signals) -> Resu
         .await
         .map_err(|source| StartError::Bind {
             what: "SIP",
-            addr: format!("{:?}", config.sip.listen),
+            addr: config
+                .sip
+                .listen
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
             source,
         })?;
     let first_upstream = config
