@@ -916,6 +916,294 @@ mod tests {
         );
     }
 
+    /// A store whose writes stop at a gate, so a test can start a claim between
+    /// `publish`'s release and its write.
+    struct PutGatedStore {
+        inner: MemoryStore,
+        entered: Notify,
+        gate: Notify,
+    }
+
+    #[async_trait::async_trait]
+    impl ContextStore for PutGatedStore {
+        async fn put(
+            &self,
+            key: &CallerKey,
+            ctx: Context,
+            ttl: Duration,
+        ) -> Result<(), StoreError> {
+            self.entered.notify_one();
+            self.gate.notified().await;
+            self.inner.put(key, ctx, ttl).await
+        }
+        async fn get(&self, key: &CallerKey) -> Result<Option<Context>, StoreError> {
+            self.inner.get(key).await
+        }
+        async fn take(&self, key: &CallerKey) -> Result<Option<Context>, StoreError> {
+            self.inner.take(key).await
+        }
+        async fn delete(&self, key: &CallerKey) -> Result<bool, StoreError> {
+            self.inner.delete(key).await
+        }
+        async fn len(&self) -> Result<usize, StoreError> {
+            self.inner.len().await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_claim_between_the_release_and_the_write_is_released_after_the_write() {
+        for consume in [true, false] {
+            let store = Arc::new(PutGatedStore {
+                inner: MemoryStore::new(),
+                entered: Notify::new(),
+                gate: Notify::new(),
+            });
+            let contexts = Arc::new(Contexts::new(store.clone(), consume, TTL));
+            let publishing = {
+                let contexts = contexts.clone();
+                tokio::spawn(async move { contexts.publish(&key("+1"), ctx("Ada")).await })
+            };
+            // publish found nobody to release and is now writing.
+            store.entered.notified().await;
+            let watch = pending(contexts.claim(&key("+1")).await.unwrap());
+            store.gate.notify_one();
+            let published = publishing.await.unwrap().unwrap();
+            assert_eq!(
+                published,
+                Published {
+                    released: 1,
+                    stored: !consume
+                },
+                "consume = {consume}"
+            );
+            assert_eq!(watch.now_or_never(), Some(ctx("Ada")));
+            let left = store.inner.len_at(std::time::Instant::now());
+            assert_eq!(left, usize::from(!consume), "consume = {consume}");
+        }
+    }
+
+    /// Several nodes in one test: each its own [`Contexts`] over one shared memory store,
+    /// with `announce`/`subscribe` over a broadcast bus. A model of the Redis store.
+    struct BusStore {
+        inner: Arc<MemoryStore>,
+        bus: tokio::sync::broadcast::Sender<StoreEvent>,
+    }
+
+    #[async_trait::async_trait]
+    impl ContextStore for BusStore {
+        async fn put(
+            &self,
+            key: &CallerKey,
+            ctx: Context,
+            ttl: Duration,
+        ) -> Result<(), StoreError> {
+            self.inner.put(key, ctx, ttl).await
+        }
+        async fn put_if_absent(
+            &self,
+            key: &CallerKey,
+            ctx: Context,
+            ttl: Duration,
+        ) -> Result<bool, StoreError> {
+            self.inner.put_if_absent(key, ctx, ttl).await
+        }
+        async fn get(&self, key: &CallerKey) -> Result<Option<Context>, StoreError> {
+            self.inner.get(key).await
+        }
+        async fn take(&self, key: &CallerKey) -> Result<Option<Context>, StoreError> {
+            self.inner.take(key).await
+        }
+        async fn delete(&self, key: &CallerKey) -> Result<bool, StoreError> {
+            self.inner.delete(key).await
+        }
+        async fn len(&self) -> Result<usize, StoreError> {
+            self.inner.len().await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn announce(&self, key: &CallerKey) -> Result<(), StoreError> {
+            let _ = self.bus.send(StoreEvent::Published(key.clone()));
+            Ok(())
+        }
+        fn subscribe(&self) -> Option<mpsc::Receiver<StoreEvent>> {
+            let mut heard = self.bus.subscribe();
+            let (tx, rx) = mpsc::channel(64);
+            tokio::spawn(async move {
+                while let Ok(event) = heard.recv().await {
+                    if tx.send(event).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            Some(rx)
+        }
+    }
+
+    struct Cluster {
+        shared: Arc<MemoryStore>,
+        bus: tokio::sync::broadcast::Sender<StoreEvent>,
+        nodes: Vec<Contexts>,
+        shutdown: CancellationToken,
+    }
+
+    fn cluster(nodes: usize, consume: bool) -> Cluster {
+        let shared = Arc::new(MemoryStore::new());
+        let (bus, _) = tokio::sync::broadcast::channel(64);
+        let shutdown = CancellationToken::new();
+        let nodes = (0..nodes)
+            .map(|_| {
+                let store = Arc::new(BusStore {
+                    inner: shared.clone(),
+                    bus: bus.clone(),
+                });
+                let contexts = Contexts::new(store, consume, TTL);
+                contexts.spawn_subscriber(shutdown.clone()).unwrap();
+                contexts
+            })
+            .collect();
+        Cluster {
+            shared,
+            bus,
+            nodes,
+            shutdown,
+        }
+    }
+
+    const SOON: Duration = Duration::from_secs(2);
+
+    #[tokio::test]
+    async fn a_call_held_on_one_node_is_released_by_a_webhook_on_another() {
+        let cluster = cluster(2, true);
+        let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+        let watch = pending(b.claim(&key("+1")).await.unwrap());
+        let published = a.publish(&key("+1"), ctx("Ada")).await.unwrap();
+        assert_eq!(
+            published,
+            Published {
+                released: 0,
+                stored: true
+            },
+            "A holds no call: it stores and announces"
+        );
+        let got = tokio::time::timeout(SOON, watch)
+            .await
+            .expect("B's call released");
+        assert_eq!(got, ctx("Ada"));
+        assert_eq!(
+            cluster.shared.len().await.unwrap(),
+            0,
+            "B's call consumed it"
+        );
+        assert_eq!(b.waiting(), 0);
+        cluster.shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn without_consume_every_node_holding_calls_gets_it_and_it_stays() {
+        let cluster = cluster(3, false);
+        let mut watches = Vec::new();
+        for node in &cluster.nodes[1..] {
+            watches.push(pending(node.claim(&key("+1")).await.unwrap()));
+        }
+        cluster.nodes[0]
+            .publish(&key("+1"), ctx("Ada"))
+            .await
+            .unwrap();
+        for watch in watches {
+            assert_eq!(tokio::time::timeout(SOON, watch).await.unwrap(), ctx("Ada"));
+        }
+        assert_eq!(cluster.shared.len().await.unwrap(), 1);
+        cluster.shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_consumed_context_announced_to_two_nodes_goes_to_exactly_one() {
+        for _ in 0..20 {
+            let cluster = cluster(3, true);
+            let mut watches = Vec::new();
+            for node in &cluster.nodes[1..] {
+                watches.push(pending(node.claim(&key("+1")).await.unwrap()));
+            }
+            cluster.nodes[0]
+                .publish(&key("+1"), ctx("Ada"))
+                .await
+                .unwrap();
+            let deadline = tokio::time::Instant::now() + SOON;
+            let mut got = Vec::new();
+            while got.is_empty() {
+                assert!(tokio::time::Instant::now() < deadline, "nobody got it");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                got = watches
+                    .iter_mut()
+                    .filter_map(|watch| watch.now_or_never())
+                    .collect();
+            }
+            assert_eq!(got, [ctx("Ada")]);
+            // The loser's node found nothing left: nothing comes, nothing is put back.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let late: Vec<Context> = watches
+                .iter_mut()
+                .filter_map(|watch| watch.now_or_never())
+                .collect();
+            assert!(late.is_empty(), "{late:?}");
+            assert_eq!(cluster.shared.len().await.unwrap(), 0);
+            let still_waiting: usize = cluster.nodes.iter().map(Contexts::waiting).sum();
+            assert_eq!(
+                still_waiting, 1,
+                "the other call still waits (for its fallback)"
+            );
+            cluster.shutdown.cancel();
+        }
+    }
+
+    #[tokio::test]
+    async fn after_a_resync_held_calls_read_the_store_again() {
+        let cluster = cluster(2, true);
+        let b = &cluster.nodes[1];
+        let watch = pending(b.claim(&key("+1")).await.unwrap());
+        // Written while B's feed was down: no announcement reached B.
+        cluster
+            .shared
+            .put(&key("+1"), ctx("Ada"), TTL)
+            .await
+            .unwrap();
+        let _ = cluster.bus.send(StoreEvent::Resynced);
+        assert_eq!(tokio::time::timeout(SOON, watch).await.unwrap(), ctx("Ada"));
+        cluster.shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn an_announcement_for_a_key_nobody_holds_touches_nothing() {
+        let cluster = cluster(2, true);
+        cluster.nodes[0]
+            .publish(&key("+1"), ctx("Ada"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            cluster.shared.len().await.unwrap(),
+            1,
+            "left for the call that comes later"
+        );
+        assert_eq!(
+            hit(cluster.nodes[1].claim(&key("+1")).await.unwrap()),
+            ctx("Ada")
+        );
+        cluster.shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn the_memory_store_has_no_feed() {
+        let (_, contexts) = contexts(true);
+        assert!(contexts
+            .spawn_subscriber(CancellationToken::new())
+            .is_none());
+    }
+
     /// A store that is down.
     struct DownStore;
 
