@@ -556,7 +556,7 @@ async fn listen(inner: Arc<Inner>, tx: mpsc::Sender<StoreEvent>) {
         };
         failures = failures.saturating_add(1);
         if failures == 1 {
-            warn!(%error, channel = %inner.channel, "redis subscription lost; calls held here can only be released by webhooks on this node until it is back");
+            warn!(%error, channel = %inner.channel, "no redis subscription: calls held here are released only by webhooks on this node until it is back");
         } else {
             debug!(%error, failures, "redis subscription still down");
         }

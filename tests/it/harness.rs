@@ -130,6 +130,9 @@ pub struct Config {
     pub default_agent: Option<String>,
     pub consume: bool,
     pub max_body_bytes: usize,
+    /// `[store]` lines replacing `backend = "memory"` and `ttl_secs = 300` (the Redis
+    /// tests set backend, url, ttl and timeout here); `consume` is still added.
+    pub store: Option<String>,
 }
 
 impl Config {
@@ -139,6 +142,7 @@ impl Config {
             default_agent: None,
             consume: true,
             max_body_bytes: 4096,
+            store: None,
         }
     }
 
@@ -155,12 +159,11 @@ impl Config {
             self.max_body_bytes
         )
         .unwrap();
-        writeln!(
-            s,
-            "[store]\nbackend = \"memory\"\nttl_secs = 300\nconsume = {}\n",
-            self.consume
-        )
-        .unwrap();
+        let store = self
+            .store
+            .as_deref()
+            .unwrap_or("backend = \"memory\"\nttl_secs = 300");
+        writeln!(s, "[store]\n{store}\nconsume = {}\n", self.consume).unwrap();
         for a in &self.agents {
             let numbers: Vec<String> = a.numbers.iter().map(|n| format!("\"{n}\"")).collect();
             writeln!(

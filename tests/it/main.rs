@@ -10,7 +10,8 @@
 //! - [`uas`]: raw UAS (the agent) and UAC (the carrier) over UDP and TCP.
 //! - [`sipp`]: SIPp scenarios from `sipp-scenarios/` as child processes.
 //! - [`selftest`]: the tools checked against each other, no precall involved.
-//! - the rest: the behaviours of issue 2, one module per area.
+//! - the rest: the behaviours of issue 2, one module per area; [`redis`]: issue 4, two
+//!   nodes sharing a redis-server.
 
 mod harness;
 mod rig;
@@ -21,6 +22,7 @@ mod uas;
 mod calls;
 mod cli;
 mod load;
+mod redis;
 mod robustness;
 mod selftest;
 mod sipp_flows;
