@@ -518,6 +518,120 @@ fn a_node_starts_with_redis_down_and_catches_up_when_it_comes() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Redis Cluster and Sentinel: the same two-node behaviour through the other clients.
+
+/// A one-node Redis Cluster owning every slot (enough to drive the cluster client: slot
+/// map, routing, cluster-wide pub/sub).
+fn start_cluster_node() -> RedisServer {
+    let port = free_tcp_port();
+    let dir = TempDir::new("redis-cluster");
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .args(["--cluster-enabled", "yes"])
+        .arg("--cluster-config-file")
+        .arg(dir.join("nodes.conf"))
+        .arg("--dir")
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    let server = RedisServer {
+        port,
+        child: Some(child),
+        dir,
+    };
+    server.wait_ready();
+    server.cmd(&["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]);
+    eventually(SOON, "cluster_state:ok", || {
+        server
+            .cmd(&["CLUSTER", "INFO"])
+            .is_some_and(|info| info.contains("cluster_state:ok"))
+    });
+    server
+}
+
+/// Two nodes on `store`, a context posted on A, a hit on B; then a call held on B released
+/// by a webhook on A.
+fn hit_and_held_release_across_nodes(
+    name: &str,
+    store: &str,
+    check_key: impl Fn(&str) -> Option<String>,
+) {
+    let uas = Uas::udp(Answer::Reject(486));
+    let a = node(&format!("{name}-A"), &uas, 10_000, store.to_string());
+    let b = node(&format!("{name}-B"), &uas, 10_000, store.to_string());
+    wait_subscribed(&a);
+    wait_subscribed(&b);
+    assert_eq!(readyz(&b).status, 200, "{}", readyz(&b).body);
+    let (uac_b, caller) = (Uac::udp(b.udp), "+14155550351");
+    a.post_ok("a", caller, json!({ "customer_name": "Shard" }));
+    assert!(check_key(&key_of(caller)).is_some(), "stored in Redis");
+    let call = uac_b.call(caller, AGENT_A);
+    uac_b.send(&call.invite());
+    assert_eq!(status_of(&uas.expect_invite(SOON).msg), "hit");
+    finish_rejected(&uac_b, &uas, &call);
+    assert!(check_key(&key_of(caller)).is_none(), "consumed");
+
+    let caller = "+14155550352";
+    let call = uac_b.call(caller, AGENT_A);
+    uac_b.send(&call.invite());
+    uac_b.expect_status(&call.call_id, 100, Some("INVITE"), SOON);
+    uas.expect_nothing(QUIET, "held on B");
+    a.post_ok("a", caller, json!({ "customer_name": "Held" }));
+    assert_eq!(status_of(&uas.expect_invite(SOON).msg), "waited");
+    finish_rejected(&uac_b, &uas, &call);
+}
+
+#[test]
+fn redis_cluster_serves_two_nodes() {
+    let cluster = start_cluster_node();
+    let store = format!(
+        "backend = \"redis\"\ncluster = [\"{}\"]\nkey_prefix = \"it\"\nttl_secs = 300",
+        cluster.url().trim_end_matches("/0")
+    );
+    hit_and_held_release_across_nodes("redis-cluster", &store, |key| cluster.cmd(&["GET", key]));
+}
+
+#[test]
+fn redis_sentinel_finds_the_master_for_two_nodes() {
+    let master = RedisServer::start();
+    let sentinel_port = free_tcp_port();
+    let dir = TempDir::new("sentinel");
+    let conf = dir.join("sentinel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "port {sentinel_port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {} 1\n",
+            dir.path().display(),
+            master.port
+        ),
+    )
+    .unwrap();
+    let sentinel = RedisServer {
+        port: sentinel_port,
+        child: Some(
+            Command::new("redis-server")
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server --sentinel"),
+        ),
+        dir,
+    };
+    sentinel.wait_ready();
+    let store = format!(
+        "backend = \"redis\"\nsentinel = {{ master = \"mymaster\", urls = [\"redis://127.0.0.1:{sentinel_port}\"] }}\nkey_prefix = \"it\"\nttl_secs = 300"
+    );
+    hit_and_held_release_across_nodes("redis-sentinel", &store, |key| master.cmd(&["GET", key]));
+}
+
+// ---------------------------------------------------------------------------------------
 // Measure: hold-release lag.
 
 /// Percentile `p` (0..=100) of sorted `values`.
