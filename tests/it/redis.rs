@@ -595,40 +595,146 @@ fn redis_cluster_serves_two_nodes() {
     hit_and_held_release_across_nodes("redis-cluster", &store, |key| cluster.cmd(&["GET", key]));
 }
 
-#[test]
-fn redis_sentinel_finds_the_master_for_two_nodes() {
-    let master = RedisServer::start();
-    let sentinel_port = free_tcp_port();
+/// A Sentinel monitoring `master_port` as `mymaster` (quorum 1), killed on drop.
+fn start_sentinel(master_port: u16) -> RedisServer {
+    let port = free_tcp_port();
     let dir = TempDir::new("sentinel");
     let conf = dir.join("sentinel.conf");
     std::fs::write(
         &conf,
         format!(
-            "port {sentinel_port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {} 1\n",
-            dir.path().display(),
-            master.port
+            "port {port}\nbind 127.0.0.1\ndir {}\n\
+             sentinel monitor mymaster 127.0.0.1 {master_port} 1\n\
+             sentinel down-after-milliseconds mymaster 1000\n\
+             sentinel failover-timeout mymaster 5000\n",
+            dir.path().display()
         ),
     )
     .unwrap();
+    let child = Command::new("redis-server")
+        .arg(&conf)
+        .arg("--sentinel")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server --sentinel");
     let sentinel = RedisServer {
-        port: sentinel_port,
-        child: Some(
-            Command::new("redis-server")
-                .arg(&conf)
-                .arg("--sentinel")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server --sentinel"),
-        ),
+        port,
+        child: Some(child),
         dir,
     };
     sentinel.wait_ready();
-    let store = format!(
-        "backend = \"redis\"\nsentinel = {{ master = \"mymaster\", urls = [\"redis://127.0.0.1:{sentinel_port}\"] }}\nkey_prefix = \"it\"\nttl_secs = 300"
+    sentinel
+}
+
+fn sentinel_store(sentinel: &RedisServer) -> String {
+    format!(
+        "backend = \"redis\"\nsentinel = {{ master = \"mymaster\", urls = [\"redis://127.0.0.1:{}\"] }}\nkey_prefix = \"it\"\nttl_secs = 300",
+        sentinel.port
+    )
+}
+
+#[test]
+fn redis_sentinel_finds_the_master_for_two_nodes() {
+    let master = RedisServer::start();
+    let sentinel = start_sentinel(master.port);
+    hit_and_held_release_across_nodes("redis-sentinel", &sentinel_store(&sentinel), |key| {
+        master.cmd(&["GET", key])
+    });
+}
+
+#[test]
+fn after_a_sentinel_failover_the_nodes_follow_the_new_master() {
+    let master = RedisServer::start();
+    let replica = {
+        let port = free_tcp_port();
+        let dir = TempDir::new("redis-replica");
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--replicaof", "127.0.0.1", &master.port.to_string()])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server replica");
+        let replica = RedisServer {
+            port,
+            child: Some(child),
+            dir,
+        };
+        replica.wait_ready();
+        replica
+    };
+    let sentinel = start_sentinel(master.port);
+    let sentinel_info = || sentinel.cmd(&["INFO", "sentinel"]).unwrap_or_default();
+    eventually(
+        Duration::from_secs(15),
+        "the Sentinel knows the replica",
+        || sentinel_info().contains("slaves=1"),
     );
-    hit_and_held_release_across_nodes("redis-sentinel", &store, |key| master.cmd(&["GET", key]));
+
+    let uas = Uas::udp(Answer::Reject(486));
+    let store = sentinel_store(&sentinel);
+    let a = node("redis-failover-A", &uas, 10_000, store.clone());
+    let b = node("redis-failover-B", &uas, 10_000, store);
+    wait_subscribed(&a);
+    wait_subscribed(&b);
+    let uac_b = Uac::udp(b.udp);
+    a.post_ok("a", "+14155550361", json!({ "customer_name": "Before" }));
+    assert!(master.cmd(&["GET", &key_of("+14155550361")]).is_some());
+
+    assert_eq!(
+        sentinel
+            .cmd(&["SENTINEL", "FAILOVER", "mymaster"])
+            .as_deref(),
+        Some("OK")
+    );
+    let promoted = format!("address=127.0.0.1:{}", replica.port);
+    eventually(Duration::from_secs(15), "the replica is the master", || {
+        sentinel_info().contains(&promoted)
+    });
+    // Until the Sentinel turns the old master into a replica it still takes writes (any
+    // client of a Sentinel setup sees that window); from then on it refuses them.
+    let demoted = Instant::now();
+    eventually(
+        Duration::from_secs(30),
+        "the old master is a replica",
+        || {
+            master
+                .cmd(&["INFO", "replication"])
+                .is_some_and(|info| info.contains("role:slave"))
+        },
+    );
+    eprintln!("old master demoted after {:?}", demoted.elapsed());
+
+    // The webhook sender's retries get through once the nodes asked the Sentinel again.
+    let caller = "+14155550362";
+    eventually(
+        Duration::from_secs(10),
+        "webhooks accepted after the failover",
+        || {
+            a.post_context("a", caller, json!({ "customer_name": "After" }))
+                .status
+                == 202
+        },
+    );
+    assert!(
+        replica.cmd(&["GET", &key_of(caller)]).is_some(),
+        "written to the new master"
+    );
+    let call = uac_b.call(caller, AGENT_A);
+    uac_b.send(&call.invite());
+    let inv = uas.expect_invite(SOON).msg;
+    assert_eq!(status_of(&inv), "hit");
+    assert_eq!(
+        x_precall(&inv).get("customer_name").map(String::as_str),
+        Some("After")
+    );
+    finish_rejected(&uac_b, &uas, &call);
 }
 
 // ---------------------------------------------------------------------------------------
