@@ -805,6 +805,159 @@ mod tests {
         assert!(started.elapsed() < Duration::from_millis(300));
     }
 
+    /// A `redis-server` on a free port for one test, killed on drop.
+    struct Server {
+        port: u16,
+        child: std::process::Child,
+    }
+
+    impl Server {
+        fn start() -> Server {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let child = std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("the store tests need redis-server (apt-get install redis-server)");
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "redis-server did not start"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Server { port, child }
+        }
+
+        fn store(&self, prefix: &str) -> RedisStore {
+            RedisStore::new(&RedisConfig {
+                target: RedisTarget::Single(test_url(&format!(
+                    "redis://127.0.0.1:{}/0",
+                    self.port
+                ))),
+                key_prefix: prefix.to_string(),
+                timeout: Duration::from_millis(500),
+            })
+            .unwrap()
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn ctx(name: &str) -> Context {
+        let mut map = Map::new();
+        map.insert("customer_name".to_string(), name.into());
+        map.insert("n".to_string(), 7.into());
+        Arc::new(map)
+    }
+
+    const TTL: Duration = Duration::from_secs(300);
+
+    /// The trait's contract on a real server (the memory store's tests check the same).
+    #[tokio::test]
+    async fn the_contract_on_a_real_redis() {
+        let server = Server::start();
+        let store = server.store("t");
+        let k = key("a", "+1");
+        store.ping().await.unwrap();
+        assert_eq!(store.get(&k).await.unwrap(), None);
+        store.put(&k, ctx("Ada"), TTL).await.unwrap();
+        assert_eq!(store.get(&k).await.unwrap(), Some(ctx("Ada")));
+        assert!(!store.put_if_absent(&k, ctx("Bob"), TTL).await.unwrap());
+        assert_eq!(store.len().await.unwrap(), 1);
+        assert_eq!(store.take(&k).await.unwrap(), Some(ctx("Ada")));
+        assert_eq!(store.take(&k).await.unwrap(), None, "consume-once");
+        assert!(store.put_if_absent(&k, ctx("Bob"), TTL).await.unwrap());
+        assert!(store.delete(&k).await.unwrap());
+        assert!(!store.delete(&k).await.unwrap());
+        assert!(store.is_empty().await.unwrap());
+        // Agents and prefixes keep apart.
+        store.put(&k, ctx("Ada"), TTL).await.unwrap();
+        assert_eq!(store.get(&key("b", "+1")).await.unwrap(), None);
+        let other = server.store("u");
+        assert_eq!(other.get(&k).await.unwrap(), None);
+        assert_eq!(
+            other.len().await.unwrap(),
+            0,
+            "len counts its own prefix only"
+        );
+        assert_eq!(store.len().await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn contexts_expire_with_their_ttl() {
+        let server = Server::start();
+        let store = server.store("t");
+        store
+            .put(&key("a", "+1"), ctx("Ada"), Duration::from_millis(100))
+            .await
+            .unwrap();
+        assert!(store.get(&key("a", "+1")).await.unwrap().is_some());
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while store.get(&key("a", "+1")).await.unwrap().is_some() {
+            assert!(std::time::Instant::now() < deadline, "never expired");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        store
+            .put(&key("a", "+2"), ctx("Ada"), Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(store.get(&key("a", "+2")).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn concurrent_takes_hand_a_context_to_exactly_one() {
+        let server = Server::start();
+        let stores: Vec<RedisStore> = (0..4).map(|_| server.store("t")).collect();
+        for round in 0..20 {
+            let k = key("a", &format!("+{round}"));
+            stores[0].put(&k, ctx("Ada"), TTL).await.unwrap();
+            let takes = stores.iter().map(|store| store.take(&k));
+            let winners = futures_util::future::join_all(takes)
+                .await
+                .into_iter()
+                .filter(|taken| matches!(taken, Ok(Some(_))))
+                .count();
+            assert_eq!(winners, 1, "round {round}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_feed_starts_resynced_and_hears_its_own_prefix_only() {
+        let server = Server::start();
+        let (a, b) = (server.store("t"), server.store("t"));
+        let mut feed = b.subscribe().unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(5), feed.recv())
+            .await
+            .unwrap();
+        assert_eq!(first, Some(StoreEvent::Resynced), "subscribed");
+        a.announce(&key("a", "+1")).await.unwrap();
+        // Another deployment's announcement on its own channel is not heard.
+        server.store("u").announce(&key("a", "+9")).await.unwrap();
+        let heard = tokio::time::timeout(Duration::from_secs(5), feed.recv())
+            .await
+            .unwrap();
+        assert_eq!(heard, Some(StoreEvent::Published(key("a", "+1"))));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), feed.recv())
+                .await
+                .is_err(),
+            "nothing else"
+        );
+    }
+
     fn test_url(url: &str) -> RedisUrl {
         let cfg = crate::config::Config::from_toml_str(&format!(
             "[store]\nbackend = \"redis\"\nurl = \"{url}\"\n[[agents]]\nid = \"a\"\napi_keys = [\"k\"]\nupstream = \"sip:127.0.0.1:5070\"\n"
