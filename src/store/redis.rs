@@ -29,7 +29,10 @@
 //! and a successful re-subscription closes the breaker at once. Meanwhile webhooks answer
 //! 503 `store unavailable` (the sender retries, nothing is dropped silently), calls that
 //! miss fall back immediately with the reason logged, and `/readyz` says not ready.
-//! The process starts with Redis down: nothing connects until first used.
+//! One loss is inherent to timeouts: a `GETDEL` that Redis executes after its caller gave up
+//! takes a context nobody receives (that call fell back already).
+//! Nothing waits for Redis at start, so a node starts while Redis is down: commands connect
+//! when first used, and the subscription keeps trying in the background.
 //!
 //! # Deployments
 //! One server (`store.url`, with its replicas if any, the client talks to the master),
