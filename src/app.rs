@@ -31,7 +31,8 @@ use crate::config::{Config, StoreBackend};
 use crate::sip::proxy::{Listener, Proxy};
 use crate::sip::transport::{self, Control, Stop};
 use crate::store::memory::MemoryStore;
-use crate::store::{ContextStore, Contexts};
+use crate::store::redis::RedisStore;
+use crate::store::{ContextStore, Contexts, StoreError};
 use crate::webhook::{self, AppState};
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +43,10 @@ pub enum StartError {
         addr: String,
         source: io::Error,
     },
+    /// The store could not be set up (a Redis URL the client cannot use). Redis being
+    /// down is not this: the node starts, falls back, and reports not ready.
+    #[error("cannot set up the store: {0}")]
+    Store(#[from] StoreError),
 }
 
 /// What the process's signals ask for.
@@ -56,22 +61,32 @@ pub struct Signals {
 
 /// Runs the sidecar until it has drained (or was stopped at once).
 ///
+/// With the Redis store, nothing waits for Redis here: the node starts even while Redis is
+/// down (calls fall back, webhooks answer 503, `/readyz` says not ready) and connects
+/// when it can.
+///
 /// # Errors
-/// A socket could not be bound.
+/// A socket could not be bound, or the store could not be set up.
 pub async fn run(config_path: PathBuf, config: Config, signals: Signals) -> Result<(), StartError> {
     let config = Arc::new(config);
     let agents = Arc::new(Agents::new(Arc::clone(&config)));
     let background = CancellationToken::new();
     let _background_guard = background.clone().drop_guard();
 
-    let store: Arc<dyn ContextStore> = match config.store.backend {
+    let store: Arc<dyn ContextStore> = match &config.store.backend {
         StoreBackend::Memory => {
             let memory = Arc::new(MemoryStore::new());
             memory.spawn_sweeper(Duration::from_secs(1), background.child_token());
             memory
         }
+        StoreBackend::Redis(redis) => {
+            info!(key_prefix = %redis.key_prefix, target = ?redis.target, "using the redis store");
+            Arc::new(RedisStore::new(redis)?)
+        }
     };
     let contexts = Arc::new(Contexts::new(store, config.store.consume, config.store.ttl));
+    // One subscription per process (none for the memory store).
+    let _subscriber = contexts.spawn_subscriber(background.child_token());
 
     let sockets = transport::bind(&config.sip.listen)
         .await

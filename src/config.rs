@@ -9,14 +9,17 @@
 //! and column.
 //!
 //! Keys of later features (DESIGN.md "Keys of the later features") that a config may
-//! already carry are accepted and checked but not yet acted on: `sip.drain_secs`,
-//! `store.url`, `store.key_prefix`. Values that name a later feature (`store.backend =
-//! "redis"`, `tls:` listeners) are errors that say so, because silently running without
-//! them would surprise.
+//! already carry are accepted and checked but not yet acted on: `tls:` listeners are errors
+//! that say so, because silently running without them would surprise.
 //!
 //! Routing rules (`[[agents.routes]]`) are compiled here (see [`crate::route`]), so a
 //! broken `when` fails the load, and `precall check`, naming the agent and the rule:
 //! `agents[0] ("support-agent").routes[1] ("fraud").when: column 14: ...`.
+//!
+//! `[store]` with `backend = "redis"` takes exactly one of `url` (one server), `cluster`
+//! (Redis Cluster seed nodes) or `sentinel` (a master found through Sentinel), plus
+//! `key_prefix` and `timeout_ms` ([`RedisConfig`]). With `backend = "memory"` those keys
+//! are still checked but not used, so one file can serve both kinds of node.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -122,9 +125,88 @@ impl Default for HttpConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which [`crate::store::ContextStore`] backs the contexts.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreBackend {
+    /// In this process only (the embedded default).
     Memory,
+    /// Shared by every sidecar pointing at the same Redis and `key_prefix`.
+    Redis(RedisConfig),
+}
+
+/// `[store]` for `backend = "redis"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    pub target: RedisTarget,
+    /// `key_prefix`, default `precall`: keys are `{key_prefix}:{agent}:{number}`, the
+    /// pub/sub channel `{key_prefix}:published`. Deployments sharing one Redis keep apart
+    /// by using different prefixes.
+    pub key_prefix: String,
+    /// `timeout_ms`, default 500: the bound on every Redis command and connection attempt.
+    pub timeout: Duration,
+}
+
+/// Where Redis is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// `url`: one server (`redis://`, `rediss://` for TLS; user, password and db in the URL).
+    Single(RedisUrl),
+    /// `cluster = [urls]`: seed nodes of a Redis Cluster (any reachable one is enough).
+    Cluster(Vec<RedisUrl>),
+    /// `sentinel = { master = "...", urls = [...] }`: the current master of `master`, as
+    /// the Sentinels at `urls` report it. `url`, when also given, supplies the credentials,
+    /// db and TLS for the master (its host and port are not used).
+    Sentinel {
+        master: String,
+        urls: Vec<RedisUrl>,
+        master_url: Option<RedisUrl>,
+    },
+}
+
+/// A `redis://` or `rediss://` URL as written. `Debug` and `Display` hide the password, so
+/// a logged or printed config never leaks it; [`RedisUrl::expose`] gives the real thing.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    /// The URL with its password, for the Redis client only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether the URL asks for TLS.
+    pub fn is_tls(&self) -> bool {
+        self.0.starts_with("rediss://")
+    }
+}
+
+impl fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // scheme://[user[:password]@]host...: replace what follows the first ':' of the
+        // userinfo, if there is userinfo at all.
+        let Some((scheme, rest)) = self.0.split_once("://") else {
+            return f.write_str(&self.0);
+        };
+        let authority_end = rest.find('/').unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(authority_end);
+        match authority.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+                if userinfo.contains(':') {
+                    write!(f, "{scheme}://{user}:***@{host}{path}")
+                } else {
+                    write!(f, "{scheme}://***@{host}{path}")
+                }
+            }
+            None => f.write_str(&self.0),
+        }
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{self}\"")
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -491,10 +573,21 @@ struct RawStore {
     backend: Option<String>,
     ttl_secs: Option<u64>,
     consume: Option<bool>,
-    /// Later feature (Redis); accepted, not yet acted on.
+    /// One Redis server (`backend = "redis"`).
     url: Option<String>,
-    /// Later feature (Redis); accepted, not yet acted on.
+    /// Redis Cluster seed nodes.
+    cluster: Option<Vec<String>>,
+    /// A master found through Redis Sentinel.
+    sentinel: Option<RawSentinel>,
     key_prefix: Option<String>,
+    timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSentinel {
+    master: Option<String>,
+    urls: Option<Vec<String>>,
 }
 
 /// One upstream, or a list to fail over through.
@@ -754,41 +847,142 @@ fn validate_http(raw: RawHttp, problems: &mut Problems) -> HttpConfig {
 }
 
 fn validate_store(raw: RawStore, problems: &mut Problems) -> StoreConfig {
-    match raw.backend.as_deref() {
-        None | Some("memory") => {}
-        Some("redis") => problems.add(
-            "store.backend",
-            "\"redis\" is not supported by this build yet (use \"memory\")",
-        ),
-        Some(other) => problems.add(
-            "store.backend",
-            format!("{other:?} is not \"memory\" or \"redis\""),
-        ),
-    }
+    let is_redis = match raw.backend.as_deref() {
+        None | Some("memory") => false,
+        Some("redis") => true,
+        Some(other) => {
+            problems.add(
+                "store.backend",
+                format!("{other:?} is not \"memory\" or \"redis\""),
+            );
+            false
+        }
+    };
     let ttl_secs = raw.ttl_secs.unwrap_or(300);
     if ttl_secs == 0 {
         problems.add("store.ttl_secs", "must be at least 1");
     }
-    if let Some(url) = &raw.url {
-        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-            problems.add(
-                "store.url",
-                format!("{url:?} is not a redis:// or rediss:// URL"),
-            );
-        }
-    }
-    if let Some(prefix) = &raw.key_prefix {
-        if prefix.is_empty() || prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            problems.add(
-                "store.key_prefix",
-                format!("{prefix:?} must be non-empty, without spaces or control characters"),
-            );
-        }
-    }
+    let redis = validate_redis(&raw, is_redis, problems);
     StoreConfig {
-        backend: StoreBackend::Memory,
+        backend: redis.map_or(StoreBackend::Memory, StoreBackend::Redis),
         ttl: Duration::from_secs(ttl_secs),
         consume: raw.consume.unwrap_or(true),
+    }
+}
+
+/// `store.timeout_ms` bounds: a Redis answer slower than 30 s is no answer for a call.
+const STORE_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 1..=30_000;
+
+/// The Redis keys of `[store]`. They are checked whatever the backend (a shared file may
+/// carry them on a memory node); the result is `Some` only for `backend = "redis"` without
+/// problems.
+fn validate_redis(raw: &RawStore, is_redis: bool, problems: &mut Problems) -> Option<RedisConfig> {
+    let before = problems.0.len();
+    let url = raw
+        .url
+        .as_deref()
+        .and_then(|url| redis_url("store.url", url, problems));
+    let cluster = raw.cluster.as_ref().map(|urls| {
+        if urls.is_empty() {
+            problems.add("store.cluster", "list at least one redis:// URL");
+        }
+        urls.iter()
+            .enumerate()
+            .filter_map(|(i, url)| redis_url(format!("store.cluster[{i}]"), url, problems))
+            .collect::<Vec<_>>()
+    });
+    let sentinel = raw.sentinel.as_ref().map(|raw| {
+        let master = raw.master.clone().unwrap_or_default();
+        if master.is_empty() || master.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            problems.add(
+                "store.sentinel.master",
+                "the master's name as the Sentinels know it, e.g. \"mymaster\"",
+            );
+        }
+        let urls = raw.urls.clone().unwrap_or_default();
+        if urls.is_empty() {
+            problems.add(
+                "store.sentinel.urls",
+                "list at least one Sentinel, e.g. [\"redis://10.0.0.1:26379\"]",
+            );
+        }
+        let urls: Vec<RedisUrl> = (urls.iter().enumerate())
+            .filter_map(|(i, url)| redis_url(format!("store.sentinel.urls[{i}]"), url, problems))
+            .collect();
+        (master, urls)
+    });
+    let key_prefix = raw
+        .key_prefix
+        .clone()
+        .unwrap_or_else(|| "precall".to_string());
+    if key_prefix.is_empty()
+        || key_prefix.len() > 64
+        || key_prefix
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        problems.add(
+            "store.key_prefix",
+            format!(
+                "{key_prefix:?} must be 1 to 64 characters, without spaces or control characters"
+            ),
+        );
+    }
+    let timeout_ms = raw.timeout_ms.unwrap_or(500);
+    if !STORE_TIMEOUT_MS.contains(&timeout_ms) {
+        problems.add("store.timeout_ms", in_range(timeout_ms, &STORE_TIMEOUT_MS));
+    }
+    let target = match (url, cluster, sentinel) {
+        (Some(url), None, None) => Some(RedisTarget::Single(url)),
+        (None, Some(urls), None) => Some(RedisTarget::Cluster(urls)),
+        (master_url, None, Some((master, urls))) => Some(RedisTarget::Sentinel {
+            master,
+            urls,
+            master_url,
+        }),
+        _ => None,
+    };
+    if raw.cluster.is_some() && (raw.url.is_some() || raw.sentinel.is_some()) {
+        problems.add(
+            "store.cluster",
+            "use store.cluster alone, without store.url or store.sentinel",
+        );
+    }
+    if is_redis && raw.url.is_none() && raw.cluster.is_none() && raw.sentinel.is_none() {
+        problems.add(
+            "store.backend",
+            "\"redis\" needs store.url, store.cluster or store.sentinel",
+        );
+    }
+    if !is_redis || problems.0.len() > before {
+        return None;
+    }
+    target.map(|target| RedisConfig {
+        target,
+        key_prefix,
+        timeout: Duration::from_millis(timeout_ms),
+    })
+}
+
+/// A `redis://` or `rediss://` URL the Redis client can read (host, port, db, user,
+/// password); parsing it opens nothing.
+fn redis_url(key: impl fmt::Display, url: &str, problems: &mut Problems) -> Option<RedisUrl> {
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        // Only the scheme is quoted: the rest may hold a password.
+        let shown = url.split_once("://").map_or(url, |(scheme, _)| scheme);
+        problems.add(
+            key,
+            format!("{shown:?}... is not a redis:// or rediss:// URL"),
+        );
+        return None;
+    }
+    let shown = RedisUrl(url.to_string());
+    match redis::IntoConnectionInfo::into_connection_info(url) {
+        Ok(_) => Some(shown),
+        Err(error) => {
+            problems.add(key, format!("{shown} is not a valid Redis URL: {error}"));
+            None
+        }
     }
 }
 
@@ -1413,7 +1607,7 @@ upstream = "sip:127.0.0.1:5070"
         assert!(Config::from_toml_str(&text).is_ok());
         fails_with(
             &format!("[store]\nurl = \"http://x\"\n{MINIMAL}"),
-            "store.url: \"http://x\" is not a redis:// or rediss:// URL",
+            "store.url: \"http\"... is not a redis:// or rediss:// URL",
         );
         fails_with(
             &format!("[store]\nkey_prefix = \"a b\"\n{MINIMAL}"),
@@ -1525,7 +1719,7 @@ upstream = "sip:127.0.0.1:5070"
         );
         fails_with(
             &format!("[store]\nbackend = \"redis\"\n{MINIMAL}"),
-            "store.backend: \"redis\" is not supported by this build yet",
+            "store.backend: \"redis\" needs store.url, store.cluster or store.sentinel",
         );
         fails_with(
             &format!("[store]\nbackend = \"etcd\"\n{MINIMAL}"),
@@ -1535,6 +1729,139 @@ upstream = "sip:127.0.0.1:5070"
             &format!("[store]\nttl_secs = 0\n{MINIMAL}"),
             "store.ttl_secs: must be at least 1",
         );
+    }
+
+    fn redis_of(store: &str) -> RedisConfig {
+        let cfg = Config::from_toml_str(&format!("[store]\n{store}\n{MINIMAL}")).unwrap();
+        match cfg.store.backend {
+            StoreBackend::Redis(redis) => redis,
+            StoreBackend::Memory => panic!("memory backend for {store:?}"),
+        }
+    }
+
+    #[test]
+    fn redis_single_server_with_defaults() {
+        let redis = redis_of("backend = \"redis\"\nurl = \"redis://127.0.0.1:6379/0\"");
+        assert_eq!(
+            redis.target,
+            RedisTarget::Single(RedisUrl("redis://127.0.0.1:6379/0".to_string()))
+        );
+        assert_eq!(redis.key_prefix, "precall");
+        assert_eq!(redis.timeout, Duration::from_millis(500));
+        let redis = redis_of(
+            "backend = \"redis\"\nurl = \"rediss://u:pw@redis.example:6380/2\"\nkey_prefix = \"site-a\"\ntimeout_ms = 250",
+        );
+        assert_eq!(redis.key_prefix, "site-a");
+        assert_eq!(redis.timeout, Duration::from_millis(250));
+        let RedisTarget::Single(url) = &redis.target else {
+            panic!("{:?}", redis.target)
+        };
+        assert!(url.is_tls());
+        assert_eq!(url.expose(), "rediss://u:pw@redis.example:6380/2");
+    }
+
+    #[test]
+    fn redis_cluster_and_sentinel() {
+        let redis = redis_of(
+            "backend = \"redis\"\ncluster = [\"redis://10.0.0.1:7000\", \"redis://10.0.0.2:7000\"]",
+        );
+        let RedisTarget::Cluster(urls) = &redis.target else {
+            panic!("{:?}", redis.target)
+        };
+        assert_eq!(urls.len(), 2);
+        let redis = redis_of(
+            "backend = \"redis\"\nsentinel = { master = \"mymaster\", urls = [\"redis://10.0.0.1:26379\"] }",
+        );
+        assert_eq!(
+            redis.target,
+            RedisTarget::Sentinel {
+                master: "mymaster".to_string(),
+                urls: vec![RedisUrl("redis://10.0.0.1:26379".to_string())],
+                master_url: None,
+            }
+        );
+        // url beside sentinel: the master's credentials and db.
+        let redis = redis_of(
+            "backend = \"redis\"\nurl = \"redis://:pw@_/3\"\nsentinel = { master = \"m\", urls = [\"redis://s:26379\"] }",
+        );
+        assert!(matches!(
+            redis.target,
+            RedisTarget::Sentinel {
+                master_url: Some(_),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn redis_problems_name_the_key() {
+        let redis = |store: &str| format!("[store]\nbackend = \"redis\"\n{store}\n{MINIMAL}");
+        fails_with(
+            &redis("cluster = []"),
+            "store.cluster: list at least one redis:// URL",
+        );
+        fails_with(
+            &redis("cluster = [\"redis://a:1\", \"http://b\"]"),
+            "store.cluster[1]: \"http\"... is not a redis://",
+        );
+        fails_with(
+            &redis("url = \"redis://a:1\"\ncluster = [\"redis://a:1\"]"),
+            "store.cluster: use store.cluster alone",
+        );
+        fails_with(
+            &redis("sentinel = { master = \"m\" }"),
+            "store.sentinel.urls: list at least one Sentinel",
+        );
+        fails_with(
+            &redis("sentinel = { urls = [\"redis://s:26379\"] }"),
+            "store.sentinel.master:",
+        );
+        fails_with(
+            &redis("sentinel = { master = \"m\", urls = [\"redis://s\"], name = \"x\" }"),
+            "line ",
+        );
+        fails_with(
+            &redis("url = \"redis://a:1\"\ntimeout_ms = 0"),
+            "store.timeout_ms:",
+        );
+        fails_with(
+            &redis("url = \"redis://a:1\"\nkey_prefix = \"\""),
+            "store.key_prefix:",
+        );
+        fails_with(
+            &redis("url = \"redis://a:notaport\""),
+            "store.url: redis://a:notaport is not a valid Redis URL",
+        );
+    }
+
+    #[test]
+    fn redis_urls_never_show_their_password() {
+        let shown = |url: &str| RedisUrl(url.to_string()).to_string();
+        assert_eq!(shown("redis://u:secret@h:6379/0"), "redis://u:***@h:6379/0");
+        assert_eq!(shown("redis://:secret@h"), "redis://:***@h");
+        assert_eq!(shown("rediss://secret@h/1"), "rediss://***@h/1");
+        assert_eq!(shown("redis://h:6379"), "redis://h:6379");
+        assert_eq!(
+            format!("{:?}", RedisUrl("redis://u:secret@h".to_string())),
+            "\"redis://u:***@h\""
+        );
+        // A bad URL's error quotes the scheme only.
+        let got = problems(&format!("[store]\nurl = \"http://u:secret@h\"\n{MINIMAL}"));
+        assert!(!got.concat().contains("secret"), "{got:?}");
+        let got = problems(&format!(
+            "[store]\nurl = \"redis://u:secret@h:bad\"\n{MINIMAL}"
+        ));
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(!got.concat().contains("secret"), "{got:?}");
+    }
+
+    #[test]
+    fn redis_keys_on_a_memory_node_are_checked_but_unused() {
+        let cfg = Config::from_toml_str(&format!(
+            "[store]\nurl = \"redis://127.0.0.1\"\ntimeout_ms = 100\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(cfg.store.backend, StoreBackend::Memory);
     }
 
     #[test]

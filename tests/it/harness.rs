@@ -161,6 +161,9 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// `sip.trusted_peers` (whose P-Asserted-Identity is believed); loopback by default.
     pub trusted_peers: Vec<String>,
+    /// `[store]` lines replacing `backend = "memory"` and `ttl_secs = 300` (the Redis
+    /// tests set backend, url, ttl and timeout here); `consume` is still added.
+    pub store: Option<String>,
 }
 
 impl Config {
@@ -171,6 +174,7 @@ impl Config {
             consume: true,
             max_body_bytes: 4096,
             trusted_peers: vec!["127.0.0.0/8".to_string()],
+            store: None,
         }
     }
 
@@ -192,12 +196,11 @@ impl Config {
             self.max_body_bytes
         )
         .unwrap();
-        writeln!(
-            s,
-            "[store]\nbackend = \"memory\"\nttl_secs = 300\nconsume = {}\n",
-            self.consume
-        )
-        .unwrap();
+        let store = self
+            .store
+            .as_deref()
+            .unwrap_or("backend = \"memory\"\nttl_secs = 300");
+        writeln!(s, "[store]\n{store}\nconsume = {}\n", self.consume).unwrap();
         for a in &self.agents {
             let numbers: Vec<String> = a.numbers.iter().map(|n| format!("\"{n}\"")).collect();
             // `upstream_toml` marks a raw TOML value with a leading NUL

@@ -13,7 +13,8 @@
 //! - [`sipp`]: SIPp scenarios from `sipp-scenarios/` as child processes.
 //! - [`rig`]: precall + agent + caller in one, and readers for `X-Precall-*` headers.
 //! - [`selftest`]: the tools checked against each other, no precall involved.
-//! - the rest: the behaviours of issue 2, one module per area.
+//! - the rest: the behaviours of issue 2, one module per area; [`redis`]: issue 4, two
+//!   nodes sharing a redis-server.
 
 mod harness;
 mod rig;
@@ -25,6 +26,7 @@ mod calls;
 mod cli;
 mod load;
 mod operate;
+mod redis;
 mod robustness;
 mod routing;
 mod rules;
