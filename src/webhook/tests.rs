@@ -48,6 +48,7 @@ fn agent(id: &str, keys: &[&str], region: phonenumber::country::Id) -> AgentConf
         defaults,
         inject: InjectConfig::default(),
         caller_sources: vec![CallerSource::Pai, CallerSource::From],
+        webhook_secret: None,
     }
 }
 
@@ -61,15 +62,18 @@ fn config() -> Config {
             record_route: true,
             t1: Duration::from_millis(500),
             max_message_bytes: 65535,
+            limits: Default::default(),
         },
         http: HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             max_body_bytes: MAX_BODY,
+            rate_limit: None,
         },
         store: StoreConfig {
             backend: StoreBackend::Memory,
             ttl: Duration::from_secs(300),
             consume: true,
+            max_contexts: 1_000_000,
         },
         agents: vec![
             agent(
