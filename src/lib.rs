@@ -12,6 +12,7 @@
 //! - [`number`]: phone numbers → E.164 (`phonenumber`), user parts of `sip:`/`sips:`/`tel:` URIs.
 //! - [`agent`]: which agent a call is for, who is calling (pure).
 //! - [`inject`]: context → `X-Precall-*` header lines, sanitised and bounded (pure).
+//! - [`limits`]: keyed token buckets, network lists, scanner names (pure; README "Limits").
 //! - [`sip::message`], [`sip::parse`]: zero-copy SIP parser over `bytes::Bytes`, byte-splicing editor.
 //! - [`sip::transaction`]: RFC 3261 §17 timers and transaction keys (pure).
 //! - [`sip::proxy`]: RFC 3261 §16 proxy core: hold, forward, CANCEL, Record-Route (sans-IO).
@@ -26,6 +27,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod inject;
+pub mod limits;
 pub mod number;
 pub mod sip;
 pub mod store;
