@@ -38,7 +38,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
 
     let store: Arc<dyn ContextStore> = match config.store.backend {
         StoreBackend::Memory => {
-            let memory = Arc::new(MemoryStore::new());
+            let memory = Arc::new(MemoryStore::with_max_entries(config.store.max_contexts));
             memory.spawn_sweeper(Duration::from_secs(1), shutdown.child_token());
             memory
         }
@@ -87,6 +87,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
         agents: Arc::clone(&agents),
         contexts: Arc::clone(&contexts),
         sip_ready: Arc::clone(&sip_ready),
+        limiter: Arc::new(webhook::ratelimit::KeyLimiter::new(config.http.rate_limit)),
     };
     let http_shutdown = shutdown.child_token();
     let http_task = tokio::spawn(async move {

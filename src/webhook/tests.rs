@@ -100,10 +100,12 @@ impl Harness {
     fn with_store(store: Arc<MemoryStore>, backend: Arc<dyn ContextStore>) -> Harness {
         let config = config();
         let contexts = Contexts::new(backend, config.store.consume, config.store.ttl);
+        let limiter = crate::webhook::ratelimit::KeyLimiter::new(config.http.rate_limit);
         let state = AppState {
             agents: Arc::new(Agents::new(Arc::new(config))),
             contexts: Arc::new(contexts),
             sip_ready: Arc::new(AtomicBool::new(true)),
+            limiter: Arc::new(limiter),
         };
         Harness { state, store }
     }
