@@ -103,7 +103,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
     let proxy = Proxy::new(Arc::clone(&agents), listeners.clone(), seed);
     sip_ready.store(true, Ordering::Release);
     info!(agents = config.agents.len(), "precall ready");
-    transport::run(
+    transport::run_with(
         proxy,
         sockets,
         listeners,
@@ -111,6 +111,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
         config.sip.max_message_bytes,
         transport::HttpClient::new(256),
         shutdown.clone(),
+        transport::ShellOptions::from_limits(&config.sip.limits),
     )
     .await;
     let _ = http_task.await;
