@@ -13,6 +13,7 @@
 //! - the rest: the behaviours of issue 2, one module per area.
 
 mod harness;
+mod raw;
 mod rig;
 mod sipmsg;
 mod sipp;
@@ -26,4 +27,5 @@ mod routing;
 mod selftest;
 mod sipp_flows;
 mod tcp;
+mod torture;
 mod webhook;
