@@ -21,11 +21,13 @@ mod uas;
 
 mod calls;
 mod cli;
+mod hostile;
 mod load;
 mod robustness;
 mod routing;
 mod selftest;
 mod sipp_flows;
+mod soak;
 mod tcp;
 mod torture;
 mod webhook;

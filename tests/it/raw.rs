@@ -52,21 +52,6 @@ pub fn udp_on_alias(port: u16) -> UdpSocket {
     panic!("no 127.0.0.X:{port} free for a test socket");
 }
 
-/// Every SIP message received on `sock` within `window` (parse failures skipped).
-pub fn recv_all(sock: &UdpSocket, window: Duration) -> Vec<SipMsg> {
-    let deadline = Instant::now() + window;
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 65536];
-    while Instant::now() < deadline {
-        if let Ok((n, _)) = sock.recv_from(&mut buf) {
-            if let Some(m) = SipMsg::parse(&buf[..n]) {
-                out.push(m);
-            }
-        }
-    }
-    out
-}
-
 /// The first message on `sock` matching `pred` within `timeout`; others are dropped.
 pub fn recv_where(
     sock: &UdpSocket,
@@ -174,20 +159,4 @@ pub fn plain_call(uac: &Uac, uas: &Uas, caller: &str) {
         }
     }
     complete_call(uac, uas, &call);
-}
-
-/// `/proc/PID/status` VmRSS in KiB.
-pub fn rss_kib(pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    text.lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// Open file descriptors of process `pid`.
-pub fn open_fds(pid: u32) -> Option<usize> {
-    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
 }
