@@ -75,7 +75,7 @@ pub async fn run(config_path: PathBuf, config: Config, signals: Signals) -> Resu
 
     let store: Arc<dyn ContextStore> = match &config.store.backend {
         StoreBackend::Memory => {
-            let memory = Arc::new(MemoryStore::new());
+            let memory = Arc::new(MemoryStore::with_max_entries(config.store.max_contexts));
             memory.spawn_sweeper(Duration::from_secs(1), background.child_token());
             memory
         }
@@ -135,10 +135,13 @@ pub async fn run(config_path: PathBuf, config: Config, signals: Signals) -> Resu
     info!("listening for HTTP on {http_addr}");
 
     // The webhook router is rebuilt on reload; requests go to whichever is current.
+    // One limiter for the process: a reload keeps its buckets (and `rate_limit`).
+    let limiter = Arc::new(webhook::ratelimit::KeyLimiter::new(config.http.rate_limit));
     let state = AppState {
         agents: Arc::clone(&agents),
         contexts: Arc::clone(&contexts),
         sip_ready: Arc::clone(&sip_ready),
+        limiter: Arc::clone(&limiter),
     };
     let live = Arc::new(RwLock::new(webhook::router(state)));
     let served = Arc::clone(&live);
@@ -168,8 +171,12 @@ pub async fn run(config_path: PathBuf, config: Config, signals: Signals) -> Resu
         Arc::clone(&config),
         signals.reload,
         live,
-        Arc::clone(&contexts),
-        sip_ready,
+        AppState {
+            agents: Arc::clone(&agents),
+            contexts: Arc::clone(&contexts),
+            sip_ready,
+            limiter,
+        },
         control_tx,
     ));
 
@@ -188,6 +195,7 @@ pub async fn run(config_path: PathBuf, config: Config, signals: Signals) -> Resu
             now: signals.stop_now,
             drain_for: config.sip.drain,
         },
+        transport::ShellOptions::from_limits(&config.sip.limits),
     )
     .await;
     http_stop.cancel();
@@ -203,8 +211,7 @@ async fn reload_loop(
     running: Arc<Config>,
     mut reload: mpsc::Receiver<()>,
     live: Arc<RwLock<axum::Router>>,
-    contexts: Arc<Contexts>,
-    sip_ready: Arc<AtomicBool>,
+    base: AppState,
     control: mpsc::Sender<Control>,
 ) {
     while reload.recv().await.is_some() {
@@ -227,8 +234,7 @@ async fn reload_loop(
         let agents = Arc::new(Agents::new(Arc::new(config)));
         let state = AppState {
             agents: Arc::clone(&agents),
-            contexts: Arc::clone(&contexts),
-            sip_ready: Arc::clone(&sip_ready),
+            ..base.clone()
         };
         if let Ok(mut router) = live.write() {
             *router = webhook::router(state);

@@ -102,6 +102,73 @@ pub struct SipConfig {
     pub max_message_bytes: usize,
     /// `drain_secs` (default 30): on SIGTERM, how long held calls may finish.
     pub drain: Duration,
+    /// Flood and hostile-peer limits (README "Limits").
+    pub limits: SipLimits,
+}
+
+/// `[sip]` limits against floods, scanners and hostile peers (README "Limits").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SipLimits {
+    /// `allowed_peers`: who may send requests at all (networks); empty (default) means
+    /// anyone. Configured upstreams always may (their BYEs and re-INVITEs must pass).
+    pub allowed_peers: Vec<IpNet>,
+    /// `max_tcp_connections` (1024): inbound connections open at once; past it a new
+    /// connection is closed as soon as it is accepted.
+    pub max_tcp_connections: usize,
+    /// `tcp_idle_secs` (120): a connection on which no complete message went either way
+    /// for this long is closed (slowloris: trickling bytes never count).
+    pub tcp_idle: Duration,
+    /// `max_held_calls` (10000): calls held for context at once; past it a new INVITE
+    /// gets `503` with `Retry-After`.
+    pub max_held_calls: usize,
+    /// `invite_rate_per_sec` (100, 0 = off) and `invite_burst` (twice the rate): new
+    /// INVITEs per source IP, `trusted_peers` exempt; over it `503` with `Retry-After`.
+    pub invite_rate: Option<Rate>,
+    /// `drop_scanners` (true): requests whose User-Agent names a known SIP scanner
+    /// (friendly-scanner, sipvicious, ...) are dropped without an answer.
+    pub drop_scanners: bool,
+    /// `stats_secs` (60, 0 = off): how often the `stats` log line is written.
+    pub stats_every: Option<Duration>,
+}
+
+impl Default for SipLimits {
+    fn default() -> Self {
+        SipLimits {
+            allowed_peers: Vec::new(),
+            max_tcp_connections: 1024,
+            tcp_idle: Duration::from_secs(120),
+            max_held_calls: 10_000,
+            invite_rate: Some(Rate {
+                per_sec: 100,
+                burst: 200,
+            }),
+            drop_scanners: true,
+            stats_every: Some(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// A token-bucket rate: `per_sec` on average, up to `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub per_sec: u32,
+    pub burst: u32,
+}
+
+/// A secret that never shows in `Debug` output (configs are printed and logged).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -113,6 +180,9 @@ pub struct HttpConfig {
     /// (`client_concurrency`, default 256); past it a call waits for a slot, bounded by
     /// its own timeout.
     pub client_concurrency: usize,
+    /// `rate_limit_per_sec` (100, 0 = off) and `rate_limit_burst` (twice the rate):
+    /// webhook requests per API key; over it `429` with `Retry-After`.
+    pub rate_limit: Option<Rate>,
 }
 
 impl Default for HttpConfig {
@@ -121,6 +191,10 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_bytes: 16_384,
             client_concurrency: 256,
+            rate_limit: Some(Rate {
+                per_sec: 100,
+                burst: 200,
+            }),
         }
     }
 }
@@ -216,6 +290,9 @@ pub struct StoreConfig {
     pub ttl: Duration,
     /// `consume`, default true: a context is used by one call only.
     pub consume: bool,
+    /// `max_contexts` (1000000, memory backend): past it a webhook for a new key gets
+    /// `503` (keys already cached may still be replaced); expired ones are swept first.
+    pub max_contexts: usize,
 }
 
 /// Where an agent's calls go: parsed from `sip:HOST:PORT;transport=udp|tcp`.
@@ -346,6 +423,9 @@ pub struct AgentConfig {
     pub defaults: Map<String, Value>,
     pub inject: InjectConfig,
     pub caller_sources: Vec<CallerSource>,
+    /// `webhook_secret`: when set, webhook POSTs must carry a valid `X-Precall-Signature`
+    /// (HMAC-SHA256 of `"{t}.{body}"`, README "Webhook signatures").
+    pub webhook_secret: Option<Secret>,
 }
 
 impl AgentConfig {
@@ -367,6 +447,7 @@ impl AgentConfig {
             defaults: Map::new(),
             inject: InjectConfig::default(),
             caller_sources: vec![CallerSource::Pai, CallerSource::From],
+            webhook_secret: None,
         }
     }
 }
@@ -516,6 +597,16 @@ const BODY_BYTES: std::ops::RangeInclusive<u64> = 64..=1_048_576;
 const FALLBACK_WAIT_MS_MAX: u64 = 60_000;
 /// `inject.max_bytes` upper bound: no SIP message is larger.
 const INJECT_BYTES_MAX: u64 = 65_535;
+/// Bounds of the `[sip]`/`[http]`/`[store]` limits (README "Limits").
+const TCP_CONNECTIONS: std::ops::RangeInclusive<u64> = 1..=1_000_000;
+const IDLE_SECS: std::ops::RangeInclusive<u64> = 1..=86_400;
+const HELD_CALLS: std::ops::RangeInclusive<u64> = 1..=1_000_000;
+const RATE_PER_SEC: std::ops::RangeInclusive<u64> = 0..=1_000_000;
+const BURST: std::ops::RangeInclusive<u64> = 1..=10_000_000;
+const STATS_SECS: std::ops::RangeInclusive<u64> = 0..=86_400;
+const CONTEXTS: std::ops::RangeInclusive<u64> = 1..=100_000_000;
+/// `webhook_secret` length: long enough not to be guessed, short enough to be sane.
+const SECRET_LEN: std::ops::RangeInclusive<usize> = 16..=512;
 /// Longest agent id / API key accepted.
 const ID_MAX: usize = 128;
 const KEY_MAX: usize = 512;
@@ -557,6 +648,14 @@ struct RawSip {
     max_message_bytes: Option<u64>,
     /// Later feature (graceful drain); accepted, not yet acted on.
     drain_secs: Option<u64>,
+    allowed_peers: Option<Vec<String>>,
+    max_tcp_connections: Option<u64>,
+    tcp_idle_secs: Option<u64>,
+    max_held_calls: Option<u64>,
+    invite_rate_per_sec: Option<u64>,
+    invite_burst: Option<u64>,
+    drop_scanners: Option<bool>,
+    stats_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -565,6 +664,8 @@ struct RawHttp {
     listen: Option<String>,
     max_body_bytes: Option<u64>,
     client_concurrency: Option<u64>,
+    rate_limit_per_sec: Option<u64>,
+    rate_limit_burst: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -581,6 +682,7 @@ struct RawStore {
     sentinel: Option<RawSentinel>,
     key_prefix: Option<String>,
     timeout_ms: Option<u64>,
+    max_contexts: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -622,6 +724,7 @@ struct RawAgent {
     caller_sources: Option<Vec<String>>,
     #[serde(default)]
     routes: Vec<RawRoute>,
+    webhook_secret: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -804,6 +907,45 @@ fn validate_sip(raw: RawSip, problems: &mut Problems) -> SipConfig {
         }
     }
 
+    let limits = SipLimits {
+        allowed_peers: nets(
+            raw.allowed_peers.as_deref().unwrap_or_default(),
+            "sip.allowed_peers",
+            problems,
+        ),
+        max_tcp_connections: bounded(
+            raw.max_tcp_connections,
+            1024,
+            &TCP_CONNECTIONS,
+            "sip.max_tcp_connections",
+            problems,
+        ),
+        tcp_idle: Duration::from_secs(bounded(
+            raw.tcp_idle_secs,
+            120,
+            &IDLE_SECS,
+            "sip.tcp_idle_secs",
+            problems,
+        )),
+        max_held_calls: bounded(
+            raw.max_held_calls,
+            10_000,
+            &HELD_CALLS,
+            "sip.max_held_calls",
+            problems,
+        ),
+        invite_rate: rate(
+            (raw.invite_rate_per_sec, "sip.invite_rate_per_sec", 100),
+            (raw.invite_burst, "sip.invite_burst"),
+            problems,
+        ),
+        drop_scanners: raw.drop_scanners.unwrap_or(true),
+        stats_every: match bounded(raw.stats_secs, 60, &STATS_SECS, "sip.stats_secs", problems) {
+            0 => None,
+            secs => Some(Duration::from_secs(secs)),
+        },
+    };
+
     SipConfig {
         listen,
         trusted_peers,
@@ -813,7 +955,62 @@ fn validate_sip(raw: RawSip, problems: &mut Problems) -> SipConfig {
         t1: Duration::from_millis(t1_ms),
         max_message_bytes: usize::try_from(max_message_bytes).unwrap_or(65_535),
         drain: Duration::from_secs(drain_secs),
+        limits,
     }
+}
+
+/// IP addresses or networks (`10.0.0.0/8`), host bits cleared.
+fn nets(texts: &[String], key: &str, problems: &mut Problems) -> Vec<IpNet> {
+    let mut out = Vec::with_capacity(texts.len());
+    for (i, text) in texts.iter().enumerate() {
+        let net = text
+            .parse::<IpNet>()
+            .map(|net| net.trunc())
+            .or_else(|_| text.parse::<IpAddr>().map(IpNet::from));
+        match net {
+            Ok(net) => out.push(net),
+            Err(_) => problems.add(
+                format_args!("{key}[{i}]"),
+                format!("{text:?} is not an IP address or network (10.0.0.0/8)"),
+            ),
+        }
+    }
+    out
+}
+
+/// `value` (or `default`) checked against `range`; the default on a problem.
+fn bounded<T: TryFrom<u64> + Copy>(
+    value: Option<u64>,
+    default: T,
+    range: &std::ops::RangeInclusive<u64>,
+    key: &str,
+    problems: &mut Problems,
+) -> T {
+    match value {
+        None => default,
+        Some(v) if range.contains(&v) => T::try_from(v).unwrap_or(default),
+        Some(v) => {
+            problems.add(key, in_range(v, range));
+            default
+        }
+    }
+}
+
+/// A rate key (`0` = off) and its burst key (default twice the rate).
+fn rate(
+    (per_sec, per_sec_key, default): (Option<u64>, &str, u32),
+    (burst, burst_key): (Option<u64>, &str),
+    problems: &mut Problems,
+) -> Option<Rate> {
+    let per_sec: u32 = bounded(per_sec, default, &RATE_PER_SEC, per_sec_key, problems);
+    let burst: u32 = bounded(
+        burst,
+        per_sec.saturating_mul(2).max(1),
+        &BURST,
+        burst_key,
+        problems,
+    );
+    (per_sec > 0).then_some(Rate { per_sec, burst })
 }
 
 fn validate_http(raw: RawHttp, problems: &mut Problems) -> HttpConfig {
@@ -843,6 +1040,11 @@ fn validate_http(raw: RawHttp, problems: &mut Problems) -> HttpConfig {
         listen,
         max_body_bytes: usize::try_from(max_body_bytes).unwrap_or(16_384),
         client_concurrency: usize::try_from(client_concurrency).unwrap_or(256),
+        rate_limit: rate(
+            (raw.rate_limit_per_sec, "http.rate_limit_per_sec", 100),
+            (raw.rate_limit_burst, "http.rate_limit_burst"),
+            problems,
+        ),
     }
 }
 
@@ -867,6 +1069,13 @@ fn validate_store(raw: RawStore, problems: &mut Problems) -> StoreConfig {
         backend: redis.map_or(StoreBackend::Memory, StoreBackend::Redis),
         ttl: Duration::from_secs(ttl_secs),
         consume: raw.consume.unwrap_or(true),
+        max_contexts: bounded(
+            raw.max_contexts,
+            1_000_000,
+            &CONTEXTS,
+            "store.max_contexts",
+            problems,
+        ),
     }
 }
 
@@ -1169,6 +1378,19 @@ fn validate_agent(
         None => sip.caller_sources.clone(),
     };
 
+    if let Some(secret) = &raw.webhook_secret {
+        if !SECRET_LEN.contains(&secret.len()) || !secret.bytes().all(|b| b.is_ascii_graphic()) {
+            problems.add(
+                key("webhook_secret"),
+                format!(
+                    "must be {} to {} visible ASCII characters, without spaces",
+                    SECRET_LEN.start(),
+                    SECRET_LEN.end()
+                ),
+            );
+        }
+    }
+
     if problems.0.len() != before {
         return None;
     }
@@ -1186,6 +1408,7 @@ fn validate_agent(
         defaults,
         inject,
         caller_sources,
+        webhook_secret: raw.webhook_secret.map(Secret),
     })
 }
 
@@ -2350,5 +2573,102 @@ set = { note = "no context" }"#,
         assert_eq!(routes[0].name.as_deref(), Some("fraud"));
         assert!(matches!(routes[0].target, RouteTarget::Upstreams(_)));
         assert_eq!(routes[1].target, RouteTarget::Agent("sales-uk".into()));
+    }
+
+    #[test]
+    fn limits_default_when_left_out() {
+        let cfg = Config::from_toml_str(MINIMAL).unwrap();
+        assert_eq!(cfg.sip.limits, SipLimits::default());
+        let l = &cfg.sip.limits;
+        assert!(l.allowed_peers.is_empty(), "anyone may send by default");
+        assert_eq!(l.max_tcp_connections, 1024);
+        assert_eq!(l.tcp_idle, Duration::from_secs(120));
+        assert_eq!(l.max_held_calls, 10_000);
+        assert_eq!(
+            l.invite_rate,
+            Some(Rate {
+                per_sec: 100,
+                burst: 200
+            })
+        );
+        assert!(l.drop_scanners);
+        assert_eq!(l.stats_every, Some(Duration::from_secs(60)));
+        assert_eq!(
+            cfg.http.rate_limit,
+            Some(Rate {
+                per_sec: 100,
+                burst: 200
+            })
+        );
+        assert_eq!(cfg.store.max_contexts, 1_000_000);
+        assert!(cfg.agents[0].webhook_secret.is_none());
+        // The bundled file spells out the same defaults.
+        let bundled = Config::from_toml_str(BUNDLED).unwrap();
+        assert_eq!(bundled.sip.limits, SipLimits::default());
+        assert_eq!(bundled.http.rate_limit, cfg.http.rate_limit);
+        assert_eq!(bundled.store.max_contexts, cfg.store.max_contexts);
+    }
+
+    #[test]
+    fn limits_are_read_and_checked() {
+        let text = format!(
+            "[sip]\nallowed_peers = [\"192.0.2.7\", \"10.1.2.3/8\"]\nmax_tcp_connections = 5\n\
+             tcp_idle_secs = 2\nmax_held_calls = 3\ninvite_rate_per_sec = 7\ndrop_scanners = false\n\
+             stats_secs = 0\n[http]\nrate_limit_per_sec = 0\n[store]\nmax_contexts = 9\n{MINIMAL}\
+             webhook_secret = \"0123456789abcdef\"\n"
+        );
+        let cfg = Config::from_toml_str(&text).unwrap();
+        let l = &cfg.sip.limits;
+        assert_eq!(
+            l.allowed_peers,
+            vec![
+                "192.0.2.7/32".parse::<IpNet>().unwrap(),
+                "10.0.0.0/8".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            (l.max_tcp_connections, l.tcp_idle, l.max_held_calls),
+            (5, Duration::from_secs(2), 3)
+        );
+        assert_eq!(
+            l.invite_rate,
+            Some(Rate {
+                per_sec: 7,
+                burst: 14
+            }),
+            "the burst defaults to twice the rate"
+        );
+        assert!(!l.drop_scanners);
+        assert_eq!(l.stats_every, None);
+        assert_eq!(cfg.http.rate_limit, None, "0 turns the limit off");
+        assert_eq!(cfg.store.max_contexts, 9);
+        let secret = cfg.agents[0].webhook_secret.as_ref().unwrap();
+        assert_eq!(secret.expose(), b"0123456789abcdef");
+        assert!(
+            !format!("{:?}", cfg.agents[0]).contains("0123456789abcdef"),
+            "a secret never shows in Debug output"
+        );
+
+        let got = problems(&format!(
+            "[sip]\nallowed_peers = [\"nope\"]\nmax_tcp_connections = 0\ntcp_idle_secs = 0\n\
+             max_held_calls = 0\ninvite_burst = 0\n[http]\nrate_limit_burst = 0\n\
+             [store]\nmax_contexts = 0\n{MINIMAL}webhook_secret = \"short\"\n"
+        ));
+        for want in [
+            "sip.allowed_peers[0]: \"nope\" is not an IP address",
+            "sip.max_tcp_connections: 0 is not between 1 and",
+            "sip.tcp_idle_secs: 0 is not between 1 and",
+            "sip.max_held_calls: 0 is not between 1 and",
+            "sip.invite_burst: 0 is not between 1 and",
+            "http.rate_limit_burst: 0 is not between 1 and",
+            "store.max_contexts: 0 is not between 1 and",
+            "agents[0].webhook_secret: must be 16 to 512",
+        ] {
+            assert!(
+                got.iter().any(|p| p.starts_with(want)),
+                "{want:?} not in {got:#?}"
+            );
+        }
+        assert_eq!(got.len(), 8, "{got:#?}");
     }
 }

@@ -13,6 +13,7 @@
 //! - [`agent`]: which agent a call is for, who is calling (pure).
 //! - [`inject`]: context → `X-Precall-*` header lines (or one JSON header), sanitised and bounded (pure).
 //! - [`route`]: routing rules: CEL expressions over the settled context pick where a call goes (pure).
+//! - [`limits`]: keyed token buckets, network lists, scanner names (pure; README "Limits").
 //! - [`sip::message`], [`sip::parse`]: zero-copy SIP parser over `bytes::Bytes`, byte-splicing editor.
 //! - [`sip::uri`]: the routing-relevant parts of SIP URIs (host, port, transport, lr, tag).
 //! - [`sip::transaction`]: RFC 3261 §17 timers and transaction keys (pure).
@@ -31,6 +32,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod inject;
+pub mod limits;
 pub mod number;
 pub mod route;
 pub mod sip;

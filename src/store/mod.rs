@@ -62,6 +62,9 @@ impl fmt::Display for CallerKey {
 pub enum StoreError {
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The memory backend holds `store.max_contexts` contexts: no room for a new key.
+    #[error("context store full ({max} contexts)")]
+    Full { max: usize },
 }
 
 /// A context cache with TTL. Implementations must be cheap to call from the SIP path.

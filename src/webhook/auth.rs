@@ -27,6 +27,11 @@ impl Authenticated {
     pub fn allows(&self, index: usize) -> bool {
         self.valid_for.get(index).copied().unwrap_or(false)
     }
+
+    /// The agent the key belongs to (config validation makes a key belong to one agent).
+    pub fn agent_index(&self) -> Option<usize> {
+        self.valid_for.iter().position(|ok| *ok)
+    }
 }
 
 /// Checks the request's key against every configured key.

@@ -49,6 +49,7 @@ fn agent(id: &str, keys: &[&str], region: phonenumber::country::Id) -> AgentConf
         defaults,
         inject: InjectConfig::default(),
         caller_sources: vec![CallerSource::Pai, CallerSource::From],
+        webhook_secret: None,
     }
 }
 
@@ -63,16 +64,19 @@ fn config() -> Config {
             t1: Duration::from_millis(500),
             max_message_bytes: 65535,
             drain: Duration::from_secs(30),
+            limits: Default::default(),
         },
         http: HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             max_body_bytes: MAX_BODY,
             client_concurrency: 256,
+            rate_limit: None,
         },
         store: StoreConfig {
             backend: StoreBackend::Memory,
             ttl: Duration::from_secs(300),
             consume: true,
+            max_contexts: 1_000_000,
         },
         agents: vec![
             agent(
@@ -106,10 +110,12 @@ impl Harness {
         config: Config,
     ) -> Harness {
         let contexts = Contexts::new(backend, config.store.consume, config.store.ttl);
+        let limiter = crate::webhook::ratelimit::KeyLimiter::new(config.http.rate_limit);
         let state = AppState {
             agents: Arc::new(Agents::new(Arc::new(config))),
             contexts: Arc::new(contexts),
             sip_ready: Arc::new(AtomicBool::new(true)),
+            limiter: Arc::new(limiter),
         };
         Harness { state, store }
     }

@@ -401,10 +401,25 @@ pub struct Precall {
 impl Precall {
     /// Writes `config`, starts the binary, waits for the three "listening" lines.
     pub fn start(name: &str, config: &Config) -> Precall {
+        Precall::start_with(name, config, &config.to_toml(), &[])
+    }
+
+    /// Like [`Precall::start`], with `toml` as the config file (for keys [`Config`] does
+    /// not model; `config` still describes the agents) and the binary started through
+    /// `wrapper` when not empty (e.g. `["prlimit", "--nofile=64:64", "--"]`).
+    pub fn start_with(name: &str, config: &Config, toml: &str, wrapper: &[&str]) -> Precall {
         let dir = TempDir::new(name);
         let path = dir.join("precall.toml");
-        std::fs::write(&path, config.to_toml()).unwrap();
-        let mut child = Command::new(precall_bin())
+        std::fs::write(&path, toml).unwrap();
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(precall_bin());
+                c
+            }
+            None => Command::new(precall_bin()),
+        };
+        let mut child = command
             .arg("run")
             .arg("-c")
             .arg(&path)

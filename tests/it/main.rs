@@ -17,6 +17,7 @@
 //!   nodes sharing a redis-server.
 
 mod harness;
+mod raw;
 mod rig;
 mod sipmsg;
 mod sipp;
@@ -24,6 +25,7 @@ mod uas;
 
 mod calls;
 mod cli;
+mod hostile;
 mod load;
 mod operate;
 mod redis;
@@ -32,5 +34,7 @@ mod routing;
 mod rules;
 mod selftest;
 mod sipp_flows;
+mod soak;
 mod tcp;
+mod torture;
 mod webhook;

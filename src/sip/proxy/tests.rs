@@ -39,6 +39,7 @@ fn agent(id: &str, number: &str, upstream: &str, transport: Transport) -> AgentC
             .clone(),
         inject: InjectConfig::default(),
         caller_sources: vec![CallerSource::Pai, CallerSource::From],
+        webhook_secret: None,
     }
 }
 
@@ -62,16 +63,19 @@ fn config() -> Config {
             t1: Duration::from_millis(500),
             max_message_bytes: 65535,
             drain: Duration::from_secs(30),
+            limits: Default::default(),
         },
         http: HttpConfig {
             listen: "127.0.0.1:8080".parse().unwrap(),
             max_body_bytes: 16384,
             client_concurrency: 256,
+            rate_limit: None,
         },
         store: StoreConfig {
             backend: StoreBackend::Memory,
             ttl: Duration::from_secs(300),
             consume: true,
+            max_contexts: 1_000_000,
         },
         agents: vec![
             agent(
