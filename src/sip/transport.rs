@@ -764,9 +764,7 @@ fn log_stats(
     }
     let stored = contexts
         .store
-        .len()
-        .now_or_never()
-        .and_then(Result::ok)
+        .len_now()
         .map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
     info!(

@@ -258,6 +258,10 @@ impl ContextStore for MemoryStore {
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    fn len_now(&self) -> Option<usize> {
+        Some(self.len_at(Instant::now()))
+    }
 }
 
 #[cfg(test)]

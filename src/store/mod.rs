@@ -101,6 +101,11 @@ pub trait ContextStore: Send + Sync + 'static {
     }
     /// Whether the store answers (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
+    /// The number of contexts when it is known without any IO (for the periodic stats
+    /// line, which must never wait on, or abandon half-way, a request to a remote store).
+    fn len_now(&self) -> Option<usize> {
+        None
+    }
     /// Tells the other processes sharing this store that a context for `key` was just
     /// stored, so a call they hold for it is released ([`StoreEvent::Published`]). Called
     /// after the write, never before. The default does nothing: a store no other process
