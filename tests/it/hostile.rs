@@ -538,10 +538,12 @@ fn unreachable_tcp_upstream_gets_503_at_once() {
 
 #[test]
 fn unreachable_udp_upstream_gets_503_at_once_not_after_timer_b() {
-    let port = {
-        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-        s.local_addr().unwrap().port()
-    };
+    // A free port below the ephemeral range (32768+ on Linux): the other tests bind port 0,
+    // so none of them can take it between this check and the call, which would swallow
+    // the datagram instead of answering it with ICMP port unreachable.
+    let port = (20_000u16 + (std::process::id() % 5_000) as u16..30_000)
+        .find(|p| UdpSocket::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free UDP port below the ephemeral range");
     let cfg = Config::new(vec![Agent::new(
         "a",
         AGENT_A,
