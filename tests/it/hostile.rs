@@ -218,18 +218,30 @@ fn invites_over_the_per_source_rate_get_503() {
     );
     let sock = udp_on_alias(0);
     let me = sock.local_addr().unwrap();
+    // Ten new INVITEs at once (well within a token's 1 s): five pass, five are refused.
+    let ids: Vec<String> = (0..10)
+        .map(|_| {
+            let (id, bytes) = request(
+                me,
+                "INVITE",
+                &format!("sip:{AGENT_A}@{}", p.udp),
+                &format!("<sip:{AGENT_A}@{}>", p.udp),
+                "",
+            );
+            sock.send_to(&bytes, p.udp).unwrap();
+            id
+        })
+        .collect();
     let mut held = 0;
     let mut refused = Vec::new();
-    for _ in 0..10 {
-        let (id, bytes) = request(
-            me,
-            "INVITE",
-            &format!("sip:{AGENT_A}@{}", p.udp),
-            &format!("<sip:{AGENT_A}@{}>", p.udp),
-            "",
-        );
-        sock.send_to(&bytes, p.udp).unwrap();
-        let r = recv_where(&sock, SOON, |m| m.call_id() == Some(id.as_str())).expect("an answer");
+    let mut answered = std::collections::HashSet::new();
+    while answered.len() < ids.len() {
+        let r = recv_where(&sock, SOON, |m| {
+            m.call_id()
+                .is_some_and(|c| ids.iter().any(|i| i == c) && !answered.contains(c))
+        })
+        .unwrap_or_else(|| panic!("only {} of 10 INVITEs answered", answered.len()));
+        answered.insert(r.call_id().unwrap().to_string());
         match r.status() {
             Some(100) => held += 1,
             Some(503) => refused.push(r),
@@ -312,9 +324,20 @@ fn tcp_connections_are_capped() {
         );
     }
     stats_until(&p, "tcp_refused", SOON, |n| n >= 1);
-    // One goes away: a new one is served.
+    // Two go away: once precall has seen it, a new one is served.
     drop(open.pop());
-    std::thread::sleep(Duration::from_millis(300));
+    drop(open.pop());
+    let deadline = Instant::now() + SOON;
+    loop {
+        let mut probe = RawTcp::connect(p.tcp);
+        if !probe.wait_closed(Duration::from_millis(200)) {
+            break; // there was room for it; dropping it leaves room for the next
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no room again after two connections closed"
+        );
+    }
     let tcp = Uac::tcp(p.tcp);
     let call = tcp.call("+14155550820", AGENT_A);
     tcp.send(&call.invite());
@@ -458,22 +481,22 @@ fn webhook_rate_limit_signatures_and_store_bound() {
     let stale = sign(&b1, now() - 600);
     let r = post(&p, &key, &b1, &[("X-Precall-Signature", &stale)]);
     assert_eq!(r.status, 401, "{}", r.body);
-    // Signed: accepted, and the call gets the context.
+    // Signed: accepted.
     let good = sign(&b1, now());
     let r = post(&p, &key, &b1, &[("X-Precall-Signature", &good)]);
     assert_eq!(r.status, 202, "{}", r.body);
+    // The burst of 3 is spent (three requests, whatever their outcome): 429 + Retry-After.
+    let b2 = body("+14155550841");
+    let r = post(&p, &key, &b2, &[("X-Precall-Signature", &sign(&b2, now()))]);
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert!(r.header("Retry-After").is_some());
+    // The call gets the signed context.
     let uac = Uac::udp(p.udp);
     let call = uac.call("+14155550840", AGENT_A);
     uac.send(&call.invite());
     let inv = uas.expect_invite(SOON).msg;
     assert_eq!(inv.header("X-Precall-customer_name"), Some("Signed"));
     complete_call(&uac, &uas, &call);
-
-    // The burst of 3 is spent (three requests so far): the next gets 429 + Retry-After.
-    let b2 = body("+14155550841");
-    let r = post(&p, &key, &b2, &[("X-Precall-Signature", &sign(&b2, now()))]);
-    assert_eq!(r.status, 429, "{}", r.body);
-    assert!(r.header("Retry-After").is_some());
     // A wrong key is still a 401, never a 429.
     assert_eq!(post(&p, "not-a-key", &b2, &[]).status, 401);
 
@@ -506,12 +529,18 @@ fn precall_signature(secret: &str, t: u64, body: &str) -> String {
 
 // -------------------------------------------------------------------------- faults
 
-/// A port on 127.0.0.1 where nothing listens (TCP or UDP).
+/// A port on 127.0.0.1 where nothing listens, UDP or TCP: below the kernel's ephemeral
+/// range, so no socket of a test running in parallel (they bind port 0) can take it.
 fn dead_port() -> u16 {
-    let t = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = t.local_addr().unwrap().port();
-    drop(t);
-    port
+    let start = 20_000 + (std::process::id() % 5_000) as u16;
+    for port in (start..30_000).chain(20_000..start) {
+        let udp = UdpSocket::bind(("127.0.0.1", port));
+        let tcp = TcpListener::bind(("127.0.0.1", port));
+        if udp.is_ok() && tcp.is_ok() {
+            return port;
+        }
+    }
+    panic!("no port free below the ephemeral range");
 }
 
 #[test]
@@ -538,12 +567,7 @@ fn unreachable_tcp_upstream_gets_503_at_once() {
 
 #[test]
 fn unreachable_udp_upstream_gets_503_at_once_not_after_timer_b() {
-    // A free port below the ephemeral range (32768+ on Linux): the other tests bind port 0,
-    // so none of them can take it between this check and the call, which would swallow
-    // the datagram instead of answering it with ICMP port unreachable.
-    let port = (20_000u16 + (std::process::id() % 5_000) as u16..30_000)
-        .find(|p| UdpSocket::bind(("127.0.0.1", *p)).is_ok())
-        .expect("a free UDP port below the ephemeral range");
+    let port = dead_port();
     let cfg = Config::new(vec![Agent::new(
         "a",
         AGENT_A,
