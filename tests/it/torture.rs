@@ -173,7 +173,7 @@ fn rig(name: &str) -> Rig {
     let uas = Uas::udp(Answer::Ring200);
     let mut cfg = Config::new(vec![Agent::new("a", AGENT_A, &uas.uri()).fallback_ms(100)]);
     cfg.default_agent = Some("a".to_string());
-    let precall = start(name, &cfg, &[("sip", "tcp_idle_secs = 2")]);
+    let precall = start(name, &cfg, &[("sip", "tcp_idle_secs = 3")]);
     let uac = Uac::udp(precall.udp);
     Rig { precall, uas, uac }
 }
@@ -280,9 +280,9 @@ fn rfc4475_torture_messages_over_tcp() {
                 c.file, c.tcp, c.why
             ));
         }
-        // Closed when framing was lost (clerr: by the 2 s idle timeout); else still open.
+        // Closed when framing was lost (clerr: by the 3 s idle timeout); else still open.
         let window = if c.tcp == Nothing && c.tcp_closes {
-            Duration::from_secs(5)
+            Duration::from_secs(7)
         } else {
             QUIET
         };
