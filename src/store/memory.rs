@@ -5,6 +5,11 @@
 //! [`ContextStore`] impl passes `Instant::now()`, and tests pass instants of their own, so
 //! TTL behaviour is tested without sleeping. An expired entry is invisible to every read
 //! the moment its deadline passes; the sweeper only reclaims the memory.
+//!
+//! Compact by design (issue 6: a million cached contexts in well under 1 GiB): an entry is
+//! one boxed string key (`agent`, a unit separator, the number) and the context as its
+//! compact JSON text, not a parsed map with an allocation per field. A context is parsed
+//! back when a call takes it, once per call, which costs about a microsecond.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,20 +20,28 @@ use tokio_util::sync::CancellationToken;
 
 use super::{CallerKey, Context, ContextStore, StoreError};
 
-/// One cached context and when it stops being visible.
+/// One cached context (compact JSON) and when it stops being visible.
 #[derive(Debug, Clone)]
 struct Entry {
-    ctx: Context,
+    json: Box<str>,
     /// `None` when `now + ttl` does not fit in an `Instant` (a TTL of centuries): never expires.
     expires_at: Option<Instant>,
 }
 
 impl Entry {
-    fn new(ctx: Context, now: Instant, ttl: Duration) -> Entry {
+    fn new(ctx: &Context, now: Instant, ttl: Duration) -> Entry {
         Entry {
-            ctx,
+            // A map of JSON values always serialises; an empty object is the safe floor.
+            json: serde_json::to_string(&**ctx)
+                .unwrap_or_else(|_| "{}".to_string())
+                .into_boxed_str(),
             expires_at: now.checked_add(ttl),
         }
+    }
+
+    /// The context back as a map (only ever fails if memory was corrupted: then absent).
+    fn context(&self) -> Option<Context> {
+        serde_json::from_str(&self.json).ok().map(Arc::new)
     }
 
     /// Live up to, not including, its deadline: a zero TTL is never visible.
@@ -46,13 +59,23 @@ impl Entry {
 /// tells its sender, who can retry. Keys already held can always be replaced.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    entries: DashMap<CallerKey, Entry>,
+    entries: DashMap<Box<str>, Entry>,
     /// `None`: unbounded.
     max_entries: Option<usize>,
     /// When a full store last swept for room: at most one such sweep per
     /// [`FULL_SWEEP_EVERY`], so a flood of new keys against a full store costs no more
     /// than a refusal each.
     last_full_sweep: Mutex<Option<Instant>>,
+}
+
+/// The map key for a [`CallerKey`]: agent ids are visible ASCII and numbers are digits, so
+/// the unit separator cannot occur in either.
+fn compact_key(key: &CallerKey) -> Box<str> {
+    let mut s = String::with_capacity(key.agent.len() + key.number.as_str().len() + 1);
+    s.push_str(&key.agent);
+    s.push('\u{1f}');
+    s.push_str(key.number.as_str());
+    s.into_boxed_str()
 }
 
 /// See [`MemoryStore::last_full_sweep`].
@@ -77,7 +100,7 @@ impl MemoryStore {
         let Some(max) = self.max_entries else {
             return Ok(());
         };
-        if self.entries.len() < max || self.entries.contains_key(key) {
+        if self.entries.len() < max || self.entries.contains_key(&compact_key(key)) {
             return Ok(());
         }
         let sweep_due = {
@@ -119,7 +142,8 @@ impl MemoryStore {
 
     /// Stores (replaces) `ctx` for `key`, visible until `now + ttl`.
     pub fn put_at(&self, key: &CallerKey, ctx: Context, ttl: Duration, now: Instant) {
-        self.entries.insert(key.clone(), Entry::new(ctx, now, ttl));
+        self.entries
+            .insert(compact_key(key), Entry::new(&ctx, now, ttl));
     }
 
     /// Stores `ctx` unless a live context is already there; `true` when stored.
@@ -131,14 +155,14 @@ impl MemoryStore {
         ttl: Duration,
         now: Instant,
     ) -> bool {
-        match self.entries.entry(key.clone()) {
+        match self.entries.entry(compact_key(key)) {
             MapEntry::Occupied(existing) if existing.get().is_live(now) => false,
             MapEntry::Occupied(mut expired) => {
-                expired.insert(Entry::new(ctx, now, ttl));
+                expired.insert(Entry::new(&ctx, now, ttl));
                 true
             }
             MapEntry::Vacant(slot) => {
-                slot.insert(Entry::new(ctx, now, ttl));
+                slot.insert(Entry::new(&ctx, now, ttl));
                 true
             }
         }
@@ -147,19 +171,20 @@ impl MemoryStore {
     /// The context for `key` if it is live at `now`.
     pub fn get_at(&self, key: &CallerKey, now: Instant) -> Option<Context> {
         self.entries
-            .get(key)
+            .get(&compact_key(key))
             .filter(|entry| entry.is_live(now))
-            .map(|entry| entry.ctx.clone())
+            .and_then(|entry| entry.context())
     }
 
     /// Removes and returns the context for `key` if it is live at `now`. Atomic: two
     /// concurrent takes never both get it (`remove_if` checks and removes under one lock).
     pub fn take_at(&self, key: &CallerKey, now: Instant) -> Option<Context> {
-        match self.entries.remove_if(key, |_, entry| entry.is_live(now)) {
-            Some((_, entry)) => Some(entry.ctx),
+        let key = compact_key(key);
+        match self.entries.remove_if(&key, |_, entry| entry.is_live(now)) {
+            Some((_, entry)) => entry.context(),
             None => {
                 // Either absent or expired; drop an expired one now rather than at the next sweep.
-                self.entries.remove_if(key, |_, entry| !entry.is_live(now));
+                self.entries.remove_if(&key, |_, entry| !entry.is_live(now));
                 None
             }
         }
@@ -168,7 +193,7 @@ impl MemoryStore {
     /// Removes the entry for `key`; `true` when a live one was there.
     pub fn delete_at(&self, key: &CallerKey, now: Instant) -> bool {
         self.entries
-            .remove(key)
+            .remove(&compact_key(key))
             .is_some_and(|(_, entry)| entry.is_live(now))
     }
 
@@ -259,8 +284,10 @@ impl ContextStore for MemoryStore {
         Ok(())
     }
 
+    /// O(1): entries held, including expired ones the sweeper (every second) has not
+    /// dropped yet.
     fn len_now(&self) -> Option<usize> {
-        Some(self.len_at(Instant::now()))
+        Some(self.raw_len())
     }
 }
 
