@@ -765,26 +765,29 @@ fn has_name_addr(c: &Cursor<'_>) -> bool {
         .is_some_and(|i| bytes.get(i) == Some(&b'<'))
 }
 
-/// A URI as far as a proxy needs to trust it: `scheme ":" 1*char`, no whitespace, CTLs,
-/// quotes or angle brackets; outside `<>` also no `,` or `?` (RFC 3261 §20.10).
-fn is_valid_uri(uri: &[u8], bracketed: bool) -> bool {
-    let Some(colon) = uri.iter().position(|b| *b == b':') else {
-        return false;
-    };
-    let scheme = uri.get(..colon).unwrap_or_default();
-    let rest = uri.get(colon + 1..).unwrap_or_default();
+/// Splits an absolute URI into a well-formed scheme (RFC 3986: ALPHA *( ALPHA / DIGIT / "+"
+/// / "-" / "." )) and a non-empty rest whose bytes are all visible and not `"`, `<`, `>`.
+/// The one URI shape check shared by header values and the Request-URI.
+pub(crate) fn split_absolute_uri(uri: &[u8]) -> Option<(&[u8], &[u8])> {
+    let colon = uri.iter().position(|b| *b == b':')?;
+    let scheme = uri.get(..colon)?;
+    let rest = uri.get(colon + 1..)?;
     let scheme_ok = scheme.first().is_some_and(u8::is_ascii_alphabetic)
         && scheme
             .iter()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'));
-    scheme_ok
-        && !rest.is_empty()
-        && rest.iter().all(|&b| {
-            b > b' '
-                && b != 0x7f
-                && !matches!(b, b'"' | b'<' | b'>')
-                && (bracketed || !matches!(b, b',' | b'?'))
-        })
+    let rest_ok = !rest.is_empty()
+        && rest
+            .iter()
+            .all(|&b| b > b' ' && b != 0x7f && !matches!(b, b'"' | b'<' | b'>'));
+    (scheme_ok && rest_ok).then_some((scheme, rest))
+}
+
+/// A URI as far as a proxy needs to trust it: `scheme ":" 1*char`, no whitespace, CTLs,
+/// quotes or angle brackets; outside `<>` also no `,` or `?` (RFC 3261 §20.10).
+fn is_valid_uri(uri: &[u8], bracketed: bool) -> bool {
+    split_absolute_uri(uri)
+        .is_some_and(|(_, rest)| bracketed || !rest.iter().any(|b| matches!(b, b',' | b'?')))
 }
 
 /// A forward-only scanner over `raw[pos..end]`; every access is bounds-checked.

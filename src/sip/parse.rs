@@ -506,23 +506,9 @@ fn is_sip_2_0(version: &[u8]) -> bool {
 /// `sips:` the Request-URI may not carry headers (RFC 3261 §19.1.1 table 1; RFC 4475
 /// escruri): no `?` after the userinfo.
 fn is_request_uri(uri: &[u8]) -> bool {
-    let Some(colon) = uri.iter().position(|b| *b == b':') else {
+    let Some((scheme, rest)) = super::message::split_absolute_uri(uri) else {
         return false;
     };
-    let scheme = uri.get(..colon).unwrap_or_default();
-    let rest = uri.get(colon + 1..).unwrap_or_default();
-    let scheme_ok = scheme.first().is_some_and(u8::is_ascii_alphabetic)
-        && scheme
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'));
-    if !scheme_ok
-        || rest.is_empty()
-        || rest
-            .iter()
-            .any(|&b| b <= b' ' || b == 0x7f || matches!(b, b'"' | b'<' | b'>'))
-    {
-        return false;
-    }
     if scheme.eq_ignore_ascii_case(b"sip") || scheme.eq_ignore_ascii_case(b"sips") {
         let host_part = match rest.iter().position(|b| *b == b'@') {
             Some(at) => rest.get(at + 1..).unwrap_or_default(),
