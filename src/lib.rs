@@ -19,6 +19,8 @@
 //! - [`sip::transport`]: the IO shell: UDP/TCP sockets and timers driving the proxy core.
 //! - [`store`]: the `ContextStore` trait, the in-memory backend, and the wait registry.
 //! - [`webhook`]: the axum HTTP API (`/v1/precall`, health).
+//! - [`metrics`]: Prometheus metric names and handles, the recent-calls log of the status page.
+//! - [`tls`]: rustls (ring) server and client configs from PEM files, the HTTPS listener.
 //! - [`app`]: wires config, store, SIP and HTTP together for `precall run`.
 //! - [`cli`]: clap commands `run`, `check`, `curl`, `send`.
 
@@ -27,8 +29,10 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod inject;
+pub mod metrics;
 pub mod number;
 pub mod route;
 pub mod sip;
 pub mod store;
+pub mod tls;
 pub mod webhook;

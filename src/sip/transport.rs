@@ -6,6 +6,12 @@
 //! [`Proxy::poll_output`] after every input and sleeps until [`Proxy::poll_timeout`].
 //! A held call costs a map entry in the core and one small task awaiting its watch here,
 //! so thousands can be held without blocking anything else.
+//!
+//! TLS is TCP with a rustls session in between: a `tls:` listener accepts TCP, runs the
+//! handshake on the connection's own task, then hands the stream to the same reader and
+//! writer tasks and Content-Length framing as TCP; an outgoing TLS connection is a TCP
+//! connect plus a TLS client handshake (see [`crate::tls`] for certificate checks).
+//! Every message in or out is counted (`precall_sip_messages_total`) from its first bytes.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -17,7 +23,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
 use futures_util::FutureExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
@@ -26,6 +33,7 @@ use tracing::{debug, info, warn};
 
 use crate::agent::Agents;
 use crate::config::{ListenAddr, Transport};
+use crate::metrics::{self as observe, Direction};
 use crate::store::{Claim, Contexts};
 
 use super::parse::{self, ParseError};
@@ -37,13 +45,27 @@ use super::proxy::{
 pub enum BoundSocket {
     Udp(Arc<UdpSocket>),
     Tcp(TcpListener),
+    /// A TCP listener whose connections start with a TLS handshake.
+    Tls(TcpListener, tokio_rustls::TlsAcceptor),
 }
 
 /// Binds every `sip.listen` entry; logs `listening for SIP/UDP on ADDR` per socket.
+/// `tls:` entries need [`bind_with_tls`].
 ///
 /// # Errors
-/// A socket could not be bound.
+/// A socket could not be bound, or a `tls:` entry has no certificate.
 pub async fn bind(listen: &[ListenAddr]) -> io::Result<Vec<(BoundSocket, SocketAddr)>> {
+    bind_with_tls(listen, None).await
+}
+
+/// Like [`bind`], with the server config (`sip.tls_cert`/`tls_key`) for `tls:` entries.
+///
+/// # Errors
+/// A socket could not be bound, or a `tls:` entry and no `tls` config.
+pub async fn bind_with_tls(
+    listen: &[ListenAddr],
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> io::Result<Vec<(BoundSocket, SocketAddr)>> {
     let mut out = Vec::with_capacity(listen.len());
     for l in listen {
         match l.transport {
@@ -59,6 +81,21 @@ pub async fn bind(listen: &[ListenAddr]) -> io::Result<Vec<(BoundSocket, SocketA
                 let addr = sock.local_addr()?;
                 info!("listening for SIP/TCP on {addr}");
                 out.push((BoundSocket::Tcp(sock), addr));
+            }
+            Transport::Tls => {
+                let Some(config) = tls.clone() else {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("{l}: no TLS certificate (sip.tls_cert, sip.tls_key)"),
+                    ));
+                };
+                let sock = TcpListener::bind(l.addr).await?;
+                let addr = sock.local_addr()?;
+                info!("listening for SIP/TLS on {addr}");
+                out.push((
+                    BoundSocket::Tls(sock, tokio_rustls::TlsAcceptor::from(config)),
+                    addr,
+                ));
             }
         }
     }
@@ -115,6 +152,7 @@ enum Event {
     },
     Stream {
         listener: usize,
+        transport: Transport,
         conn: ConnId,
         from: SocketAddr,
         bytes: Bytes,
@@ -214,13 +252,65 @@ impl HttpClient {
     }
 }
 
-/// Open TCP connections: by id (for responses on the connection a request came in on)
-/// and by remote address (to reuse a connection for a new request).
+/// Open TCP and TLS connections: by id (for responses on the connection a request came in
+/// on) and by transport and remote address (to reuse a connection for a new request).
 #[derive(Default)]
 struct Connections {
     next: AtomicU64,
     by_id: DashMap<ConnId, mpsc::UnboundedSender<Bytes>>,
-    by_addr: DashMap<SocketAddr, ConnId>,
+    by_addr: DashMap<(Transport, SocketAddr), ConnId>,
+}
+
+/// What outgoing TLS connections need: the client config (bundled roots plus
+/// `sip.tls_ca`) and the name to check per address (the configured upstream's host).
+/// Rebuilt from the config at start and on every reload.
+#[derive(Clone)]
+struct TlsClient {
+    connector: tokio_rustls::TlsConnector,
+    names: Arc<HashMap<SocketAddr, ServerName<'static>>>,
+}
+
+impl TlsClient {
+    fn from_agents(agents: &Agents) -> Option<TlsClient> {
+        let config = &agents.config;
+        let client = match crate::tls::client_config(config.sip.tls.ca.as_deref()) {
+            Ok(client) => client,
+            Err(error) => {
+                warn!(%error, "no TLS client config: TLS upstreams cannot be reached");
+                return None;
+            }
+        };
+        let mut names = HashMap::new();
+        let route_upstreams = config.agents.iter().flat_map(|a| {
+            a.routes.iter().flat_map(|r| match &r.target {
+                crate::config::RouteTarget::Upstreams(list) => list.as_slice(),
+                _ => &[],
+            })
+        });
+        for up in config
+            .agents
+            .iter()
+            .flat_map(|a| a.upstreams.iter())
+            .chain(route_upstreams)
+            .filter(|u| u.transport == Transport::Tls)
+        {
+            if let Ok(name) = ServerName::try_from(up.host().to_string()) {
+                names.entry(up.addr).or_insert(name);
+            }
+        }
+        Some(TlsClient {
+            connector: tokio_rustls::TlsConnector::from(client),
+            names: Arc::new(names),
+        })
+    }
+
+    /// The name checked for a connection to `to`: the configured host, else the address.
+    fn name_for(&self, to: SocketAddr) -> ServerName<'static> {
+        self.names
+            .get(&to)
+            .cloned()
+            .unwrap_or_else(|| ServerName::IpAddress(to.ip().into()))
+    }
 }
 
 /// Upper bound on bytes buffered for one TCP connection before it is dropped.
@@ -262,9 +352,7 @@ pub async fn run(
     proxy.start(tokio::time::Instant::now().into_std());
     let conns = Arc::new(Connections::default());
     let mut udp: HashMap<usize, Arc<UdpSocket>> = HashMap::new();
-    let tcp_listener = sockets
-        .iter()
-        .position(|(s, _)| matches!(s, BoundSocket::Tcp(_)));
+    let mut tls_client = TlsClient::from_agents(proxy.agents());
     for (index, (sock, _)) in sockets.into_iter().enumerate() {
         match sock {
             BoundSocket::Udp(s) => {
@@ -275,6 +363,18 @@ pub async fn run(
                 tokio::spawn(tcp_acceptor(
                     index,
                     l,
+                    None,
+                    Arc::clone(&conns),
+                    tx.clone(),
+                    max_message_bytes,
+                    shutdown.child_token(),
+                ));
+            }
+            BoundSocket::Tls(l, acceptor) => {
+                tokio::spawn(tcp_acceptor(
+                    index,
+                    l,
+                    Some(acceptor),
                     Arc::clone(&conns),
                     tx.clone(),
                     max_message_bytes,
@@ -313,6 +413,7 @@ pub async fn run(
                 break;
             }
             Some(Control::Reload(agents)) = control.recv() => {
+                tls_client = TlsClient::from_agents(&agents).or(tls_client);
                 proxy.set_agents(tokio::time::Instant::now().into_std(), agents);
                 info!("SIP side uses the reloaded config");
             }
@@ -346,12 +447,13 @@ pub async fn run(
                     }
                     Event::Stream {
                         listener,
+                        transport,
                         conn,
                         from,
                         bytes,
                     } => {
                         let peer = Peer {
-                            transport: Transport::Tcp,
+                            transport,
                             addr: from,
                             conn: Some(conn),
                             listener,
@@ -385,7 +487,7 @@ pub async fn run(
             while let Some(out) = proxy.poll_output() {
                 match out {
                     Output::Transmit(t) => {
-                        transmit(&udp, &conns, tcp_listener, &tx, t, max_message_bytes)
+                        transmit(&udp, &conns, tls_client.as_ref(), &tx, t, max_message_bytes)
                     }
                     Output::Lookup { hold, key } => {
                         let contexts2 = Arc::clone(&contexts);
@@ -480,65 +582,125 @@ pub async fn run(
 fn transmit(
     udp: &HashMap<usize, Arc<UdpSocket>>,
     conns: &Arc<Connections>,
-    tcp_listener: Option<usize>,
+    tls: Option<&TlsClient>,
     tx: &mpsc::Sender<Event>,
     t: Transmit,
     max_message_bytes: usize,
 ) {
-    match t.transport {
-        Transport::Udp => {
-            let sock = udp.get(&t.listener).or_else(|| udp.values().next());
-            let Some(sock) = sock else {
-                warn!(to = %t.to, "no UDP socket to send from");
-                return;
-            };
-            match sock.try_send_to(&t.bytes, t.to) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let sock = Arc::clone(sock);
-                    tokio::spawn(async move {
-                        if let Err(error) = sock.send_to(&t.bytes, t.to).await {
-                            debug!(%error, to = %t.to, "UDP send failed");
-                        }
-                    });
-                }
-                Err(error) => debug!(%error, to = %t.to, "UDP send failed"),
-            }
-        }
-        Transport::Tcp => {
-            let conn = t
-                .conn
-                .filter(|c| conns.by_id.contains_key(c))
-                .or_else(|| conns.by_addr.get(&t.to).map(|c| *c));
-            if let Some(sender) = conn.and_then(|c| conns.by_id.get(&c)) {
-                let _ = sender.send(t.bytes);
-                return;
-            }
-            // No connection to that address yet: open one; it also reads what comes back.
-            let conns = Arc::clone(conns);
-            let tx = tx.clone();
-            let listener = tcp_listener.unwrap_or(0);
-            tokio::spawn(async move {
-                match TcpStream::connect(t.to).await {
-                    Ok(stream) => {
-                        let (id, sender) =
-                            register(&conns, stream, t.to, listener, tx, max_message_bytes);
-                        debug!(conn = id, to = %t.to, "opened TCP connection");
-                        let _ = sender.send(t.bytes);
+    observe::count_sip(Direction::Out, &t.bytes);
+    if t.transport == Transport::Udp {
+        let sock = udp.get(&t.listener).or_else(|| udp.values().next());
+        let Some(sock) = sock else {
+            warn!(to = %t.to, "no UDP socket to send from");
+            return;
+        };
+        match sock.try_send_to(&t.bytes, t.to) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let sock = Arc::clone(sock);
+                tokio::spawn(async move {
+                    if let Err(error) = sock.send_to(&t.bytes, t.to).await {
+                        debug!(%error, to = %t.to, "UDP send failed");
                     }
-                    Err(error) => {
-                        warn!(%error, to = %t.to, "TCP connect failed");
-                        let _ = tx
-                            .send(Event::TransportError {
-                                transport: Transport::Tcp,
-                                to: t.to,
-                            })
-                            .await;
-                    }
-                }
-            });
+                });
+            }
+            Err(error) => debug!(%error, to = %t.to, "UDP send failed"),
         }
+        return;
     }
+    // TCP and TLS: the connection the request came on, else one open to that address.
+    let conn = t
+        .conn
+        .filter(|c| conns.by_id.contains_key(c))
+        .or_else(|| conns.by_addr.get(&(t.transport, t.to)).map(|c| *c));
+    if let Some(sender) = conn.and_then(|c| conns.by_id.get(&c)) {
+        let _ = sender.send(t.bytes);
+        return;
+    }
+    // No connection to that address yet: open one; it also reads what comes back.
+    let tls = match (t.transport, tls) {
+        (Transport::Tls, Some(tls)) => Some(tls.clone()),
+        (Transport::Tls, None) => {
+            warn!(to = %t.to, "no TLS client config: cannot reach a TLS peer");
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _ = tx
+                    .send(Event::TransportError {
+                        transport: Transport::Tls,
+                        to: t.to,
+                    })
+                    .await;
+            });
+            return;
+        }
+        _ => None,
+    };
+    let conns = Arc::clone(conns);
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        let transport = t.transport;
+        let failed = |error: String| {
+            warn!(%error, to = %t.to, transport = transport.param_name(), "connect failed");
+            Event::TransportError {
+                transport,
+                to: t.to,
+            }
+        };
+        let stream = match TcpStream::connect(t.to).await {
+            Ok(stream) => stream,
+            Err(error) => {
+                let _ = tx.send(failed(error.to_string())).await;
+                return;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let sender = match tls {
+            None => {
+                let (reader, writer) = stream.into_split();
+                let (_, sender) = register(
+                    &conns,
+                    reader,
+                    writer,
+                    transport,
+                    t.to,
+                    t.listener,
+                    tx,
+                    max_message_bytes,
+                );
+                sender
+            }
+            Some(tls) => {
+                let name = tls.name_for(t.to);
+                let handshake = tls.connector.connect(name, stream);
+                let tls_stream =
+                    match tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, handshake).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(error)) => {
+                            let _ = tx.send(failed(format!("TLS: {error}"))).await;
+                            return;
+                        }
+                        Err(_) => {
+                            let _ = tx.send(failed("TLS handshake timed out".into())).await;
+                            return;
+                        }
+                    };
+                let (reader, writer) = tokio::io::split(tls_stream);
+                let (_, sender) = register(
+                    &conns,
+                    reader,
+                    writer,
+                    transport,
+                    t.to,
+                    t.listener,
+                    tx,
+                    max_message_bytes,
+                );
+                sender
+            }
+        };
+        debug!(to = %t.to, transport = transport.param_name(), "opened connection");
+        let _ = sender.send(t.bytes);
+    });
 }
 
 async fn udp_reader(
@@ -563,6 +725,7 @@ async fn udp_reader(
                 {
                     continue;
                 }
+                observe::count_sip(Direction::In, data);
                 let bytes = Bytes::copy_from_slice(data);
                 if tx
                     .send(Event::Datagram {
@@ -582,9 +745,11 @@ async fn udp_reader(
     }
 }
 
+/// Accepts TCP connections (with a TLS handshake first when `tls` is set).
 async fn tcp_acceptor(
     listener: usize,
     sock: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     conns: Arc<Connections>,
     tx: mpsc::Sender<Event>,
     max_message_bytes: usize,
@@ -598,15 +763,55 @@ async fn tcp_acceptor(
         match accepted {
             Ok((stream, from)) => {
                 let _ = stream.set_nodelay(true);
-                let (id, _) = register(
-                    &conns,
-                    stream,
-                    from,
-                    listener,
-                    tx.clone(),
-                    max_message_bytes,
-                );
-                debug!(conn = id, peer = %from, "accepted TCP connection");
+                match &tls {
+                    None => {
+                        let (reader, writer) = stream.into_split();
+                        let (id, _) = register(
+                            &conns,
+                            reader,
+                            writer,
+                            Transport::Tcp,
+                            from,
+                            listener,
+                            tx.clone(),
+                            max_message_bytes,
+                        );
+                        debug!(conn = id, peer = %from, "accepted TCP connection");
+                    }
+                    Some(acceptor) => {
+                        // The handshake runs on its own task: a slow or silent client
+                        // never holds up the next accept.
+                        let handshake = acceptor.accept(stream);
+                        let conns = Arc::clone(&conns);
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            let limit = crate::tls::HANDSHAKE_TIMEOUT;
+                            let stream = match tokio::time::timeout(limit, handshake).await {
+                                Ok(Ok(stream)) => stream,
+                                Ok(Err(error)) => {
+                                    debug!(%error, peer = %from, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    debug!(peer = %from, "TLS handshake timed out");
+                                    return;
+                                }
+                            };
+                            let (reader, writer) = tokio::io::split(stream);
+                            let (id, _) = register(
+                                &conns,
+                                reader,
+                                writer,
+                                Transport::Tls,
+                                from,
+                                listener,
+                                tx,
+                                max_message_bytes,
+                            );
+                            debug!(conn = id, peer = %from, "accepted TLS connection");
+                        });
+                    }
+                }
             }
             Err(error) => {
                 // e.g. out of file descriptors: back off briefly rather than spin.
@@ -617,27 +822,40 @@ async fn tcp_acceptor(
     }
 }
 
-/// Registers a connection and starts its reader and writer tasks.
-fn register(
+/// Registers a connection (TCP, or TLS after its handshake) and starts its reader and
+/// writer tasks.
+#[allow(clippy::too_many_arguments)]
+fn register<R, W>(
     conns: &Arc<Connections>,
-    stream: TcpStream,
+    mut reader: R,
+    mut writer: W,
+    transport: Transport,
     peer: SocketAddr,
     listener: usize,
     tx: mpsc::Sender<Event>,
     max_message_bytes: usize,
-) -> (ConnId, mpsc::UnboundedSender<Bytes>) {
+) -> (ConnId, mpsc::UnboundedSender<Bytes>)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let id = conns.next.fetch_add(1, Ordering::Relaxed) + 1;
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Bytes>();
     conns.by_id.insert(id, out_tx.clone());
-    conns.by_addr.insert(peer, id);
-    let (mut reader, mut writer) = stream.into_split();
+    conns.by_addr.insert((transport, peer), id);
     tokio::spawn(async move {
         while let Some(bytes) = out_rx.recv().await {
             if let Err(error) = writer.write_all(&bytes).await {
-                debug!(%error, conn = id, "TCP write failed");
+                debug!(%error, conn = id, "write failed");
+                break;
+            }
+            // A TLS writer buffers records until flushed; for TCP this is a no-op.
+            if let Err(error) = writer.flush().await {
+                debug!(%error, conn = id, "flush failed");
                 break;
             }
         }
+        let _ = writer.shutdown().await;
     });
     let conns = Arc::clone(conns);
     tokio::spawn(async move {
@@ -655,9 +873,11 @@ fn register(
                     Ok(frame) => {
                         let _ = buf.split_to(frame.skip);
                         let bytes = buf.split_to(frame.len).freeze();
+                        observe::count_sip(Direction::In, &bytes);
                         if tx
                             .send(Event::Stream {
                                 listener,
+                                transport,
                                 conn: id,
                                 from: peer,
                                 bytes,
@@ -677,15 +897,16 @@ fn register(
                     }
                     Err(error) => {
                         // Framing is lost: nothing after this can be trusted.
-                        warn!(%error, peer = %peer, "closing TCP connection with unframeable data");
+                        observe::count_parse_error();
+                        warn!(%error, peer = %peer, "closing connection with unframeable data");
                         break 'conn;
                     }
                 }
             }
         }
         conns.by_id.remove(&id);
-        conns.by_addr.remove_if(&peer, |_, v| *v == id);
-        debug!(conn = id, "TCP connection closed");
+        conns.by_addr.remove_if(&(transport, peer), |_, v| *v == id);
+        debug!(conn = id, "connection closed");
     });
     (id, out_tx)
 }

@@ -27,6 +27,11 @@ impl Authenticated {
     pub fn allows(&self, index: usize) -> bool {
         self.valid_for.get(index).copied().unwrap_or(false)
     }
+
+    /// The agent the key belongs to (config validation makes every key one agent's).
+    pub fn agent_index(&self) -> Option<usize> {
+        self.valid_for.iter().position(|&valid| valid)
+    }
 }
 
 /// Checks the request's key against every configured key.
@@ -85,7 +90,7 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
 /// on `expected`'s length: the loop runs over `presented` (which the client knows anyway)
 /// and reads `expected` cyclically, without a length branch. (`subtle`'s slice `ct_eq`
 /// returns early on a length mismatch, which would time the configured key's length.)
-fn constant_time_eq(presented: &[u8], expected: &[u8]) -> Choice {
+pub(super) fn constant_time_eq(presented: &[u8], expected: &[u8]) -> Choice {
     let Some(cycle) = std::num::NonZeroUsize::new(expected.len()) else {
         return Choice::from(0); // an empty configured key never matches
     };
