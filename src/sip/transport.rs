@@ -609,10 +609,18 @@ fn transmit(
         return;
     }
     // TCP and TLS: the connection the request came on, else one open to that address.
+    // A TLS connection also carries what is addressed as TCP (a relayed response whose
+    // Via says TCP goes back on the connection it came from, RFC 3261 §18.2.2), never
+    // the other way round: TLS traffic is not downgraded to a plain connection.
     let conn = t
         .conn
         .filter(|c| conns.by_id.contains_key(c))
-        .or_else(|| conns.by_addr.get(&(t.transport, t.to)).map(|c| *c));
+        .or_else(|| conns.by_addr.get(&(t.transport, t.to)).map(|c| *c))
+        .or_else(|| {
+            (t.transport == Transport::Tcp)
+                .then(|| conns.by_addr.get(&(Transport::Tls, t.to)).map(|c| *c))
+                .flatten()
+        });
     if let Some(sender) = conn.and_then(|c| conns.by_id.get(&c)) {
         let _ = sender.send(t.bytes);
         return;

@@ -25,6 +25,7 @@ mod calls;
 mod cli;
 mod load;
 mod operate;
+mod ops;
 mod robustness;
 mod routing;
 mod rules;
