@@ -224,6 +224,15 @@ pub async fn run(config_path: PathBuf, config: Config, signals: Signals) -> Resu
         }
     };
 
+    {
+        // Draining: no new calls, so not ready (load balancers take the node out).
+        let drain = signals.drain.clone();
+        let ready = Arc::clone(&sip_ready);
+        tokio::spawn(async move {
+            drain.cancelled().await;
+            ready.store(false, std::sync::atomic::Ordering::Release);
+        });
+    }
     let (control_tx, control_rx) = mpsc::channel(4);
     tokio::spawn(reload_loop(
         config_path,

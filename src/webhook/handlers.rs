@@ -210,10 +210,11 @@ pub async fn healthz() -> Response {
     (StatusCode::OK, Json(json!({ "status": "ok" }))).into_response()
 }
 
-/// `GET /readyz`: every SIP listener is bound and the store answers.
+/// `GET /readyz`: every SIP listener is bound, precall takes new calls (not draining),
+/// and the store answers.
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let reason = if !state.sip_ready.load(Ordering::Acquire) {
-        Some("SIP listeners not bound yet")
+        Some("not taking calls (SIP listeners not bound yet, or draining)")
     } else if let Err(error) = state.contexts.store.ping().await {
         tracing::warn!(%error, "not ready: store unavailable");
         Some("store unavailable")

@@ -199,14 +199,41 @@ fn metrics_count_a_known_set_of_calls() {
 }
 
 #[test]
-fn health_and_readiness() {
-    let rig = Rig::udp("ready", 1_000);
+fn health_and_readiness_and_not_ready_while_draining() {
+    let mut rig = Rig::udp("ready", 2_000);
     let live = http_request(rig.precall.http, "GET", "/healthz", &[], b"");
     assert_eq!(live.status, 200);
     // Every listener is bound and the memory store answers: ready.
     let ready = http_request(rig.precall.http, "GET", "/readyz", &[], b"");
     assert_eq!(ready.status, 200, "{}", ready.body);
     assert_eq!(ready.json()["ready"], true);
+
+    // A held call keeps the drain going; meanwhile the node is live but not ready.
+    let held = rig.uac.call("+14155550515", AGENT_A);
+    rig.uac.send(&held.invite());
+    rig.uac
+        .expect_status(&held.call_id, 100, Some("INVITE"), SOON);
+    rig.precall.signal("TERM");
+    rig.precall
+        .log
+        .wait_for(SOON, |l| l.contains("draining"))
+        .expect("the drain was logged");
+    let draining = http_request(rig.precall.http, "GET", "/readyz", &[], b"");
+    assert_eq!(draining.status, 503, "{}", draining.body);
+    assert_eq!(draining.json()["ready"], false);
+    assert!(draining.body.contains("draining"), "{}", draining.body);
+    assert_eq!(
+        http_request(rig.precall.http, "GET", "/healthz", &[], b"").status,
+        200
+    );
+    rig.uas.expect_invite(SOON);
+    rig.uac
+        .expect_status(&held.call_id, 200, Some("INVITE"), SOON);
+    let status = rig
+        .precall
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits once drained");
+    assert!(status.success());
 }
 
 // ---------------------------------------------------------------------------------------
