@@ -728,6 +728,16 @@ fn toml_problem(text: &str, error: &toml::de::Error) -> String {
         .and_then(|rest| rest.lines().next())
         .unwrap_or("")
         .trim();
+    // The line is quoted to show the key, unless it may hold a secret: this text reaches
+    // `precall check` output and the log of a refused reload.
+    let secret = ["api_key", "password"]
+        .iter()
+        .any(|k| line_text.to_ascii_lowercase().contains(k));
+    if secret {
+        return format!(
+            "line {line_no}, column {column}: {message} (line not shown: it may hold a secret)"
+        );
+    }
     format!("line {line_no}, column {column}: {message} (`{line_text}`)")
 }
 
@@ -1605,6 +1615,16 @@ upstream = "sip:127.0.0.1:5070"
         );
         assert!(got[0].ends_with("(`ttl_secs = \"300\"`)"), "{got:?}");
         fails_with(&agent_with("fallback_wait_ms = -1"), "line 6, column 20:");
+    }
+
+    #[test]
+    fn syntax_errors_do_not_echo_lines_with_secrets() {
+        let got = problems("[[agents]]\nid = \"a\"\napi_keys = [\"s3cr3t-key\" \"x\"]\n");
+        assert!(got[0].starts_with("line 3"), "{got:?}");
+        assert!(got[0].contains("line not shown"), "{got:?}");
+        assert!(!got[0].contains("s3cr3t"), "{got:?}");
+        let got = problems("[http]\nadmin_password = \"pw-123456789\" x\n");
+        assert!(!got[0].contains("pw-123456789"), "{got:?}");
     }
 
     #[test]
