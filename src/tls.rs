@@ -118,6 +118,29 @@ pub fn client_config(ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
+/// Reads every TLS file the config names, as `precall run` will: the problems, each
+/// naming its key and file (for `precall check`).
+pub fn check_files(config: &crate::config::Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    let tls = &config.sip.tls;
+    if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+        if let Err(e) = server_config(cert, key, &[]) {
+            problems.push(format!("sip.tls_cert/tls_key: {e}"));
+        }
+    }
+    if let Some(ca) = &tls.ca {
+        if let Err(e) = client_config(Some(ca)) {
+            problems.push(format!("sip.tls_ca: {e}"));
+        }
+    }
+    if let Some(http) = &config.http.tls {
+        if let Err(e) = server_config(&http.cert, &http.key, &[]) {
+            problems.push(format!("http.tls_cert/tls_key: {e}"));
+        }
+    }
+    problems
+}
+
 /// How long a client may take to finish its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in progress at once on one listener; past it new connections wait in the

@@ -793,3 +793,34 @@ fn status_page_in_headless_chromium_lists_agents_calls_and_runs_the_test_form() 
     assert!(dom.contains("+14155550540"), "{}", report());
     assert!(dom.contains(&call.call_id), "{}", report());
 }
+
+#[test]
+fn unusable_tls_files_are_reported_by_check_and_stop_run() {
+    let dir = TempDir::new("tls-bad-files");
+    let not_pem = dir.join("not.pem");
+    std::fs::write(&not_pem, "this is not a certificate\n").unwrap();
+    let mut cfg = Config::new(vec![Agent::new(
+        "a",
+        AGENT_A,
+        "sip:127.0.0.1:5070;transport=udp",
+    )]);
+    cfg.extra_listen.push("tls:127.0.0.1:0".to_string());
+    cfg.sip_extra = format!("tls_cert = {not_pem:?}\ntls_key = {not_pem:?}");
+    let path = dir.join("precall.toml");
+    std::fs::write(&path, cfg.to_toml()).unwrap();
+    let path = path.display().to_string();
+
+    let (status, out) =
+        crate::harness::run_to_exit(&["check", "-c", &path], Duration::from_secs(20));
+    assert!(!status.success(), "{out}");
+    assert!(out.contains("sip.tls_cert/tls_key"), "{out}");
+    assert!(out.contains("not.pem"), "{out}");
+
+    let (status, out) = crate::harness::run_to_exit(&["run", "-c", &path], Duration::from_secs(20));
+    assert!(!status.success(), "{out}");
+    assert!(out.contains("TLS for SIP"), "{out}");
+    assert!(
+        !out.contains("listening for"),
+        "nothing is bound before the certificates are read: {out}"
+    );
+}
