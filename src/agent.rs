@@ -242,6 +242,7 @@ mod tests {
             defaults: Map::new(),
             inject: InjectConfig::default(),
             caller_sources: vec![CallerSource::Pai, CallerSource::From],
+            webhook_secret: None,
         }
     }
 
@@ -265,12 +266,14 @@ mod tests {
                 listen: "127.0.0.1:8080".parse().unwrap(),
                 max_body_bytes: 16384,
                 client_concurrency: 256,
+                rate_limit: None,
                 ..HttpConfig::default()
             },
             store: StoreConfig {
                 backend: StoreBackend::Memory,
                 ttl: Duration::from_secs(300),
                 consume: true,
+                max_contexts: 1_000_000,
             },
             agents,
         })

@@ -37,12 +37,13 @@ use crate::metrics::CallLog;
 use crate::sip::proxy::{Listener, Proxy};
 use crate::sip::transport::{self, Control, Stop};
 use crate::store::memory::MemoryStore;
-use crate::store::{ContextStore, Contexts};
+use crate::store::redis::RedisStore;
+use crate::store::{ContextStore, Contexts, StoreError};
 use crate::webhook::{self, AppState, Ops};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot bind {what} on {addr}: {source}")]
+    #[error("cannot bind {what} on {addr}")]
     Bind {
         what: &'static str,
         addr: String,
@@ -53,6 +54,10 @@ pub enum StartError {
         what: &'static str,
         source: crate::tls::TlsError,
     },
+    /// The store could not be set up (a Redis URL the client cannot use). Redis being
+    /// down is not this: the node starts, falls back, and reports not ready.
+    #[error("cannot set up the store: {0}")]
+    Store(#[from] StoreError),
 }
 
 /// What the process's signals ask for.
@@ -67,8 +72,12 @@ pub struct Signals {
 
 /// Runs the sidecar until it has drained (or was stopped at once).
 ///
+/// With the Redis store, nothing waits for Redis here: the node starts even while Redis is
+/// down (calls fall back, webhooks answer 503, `/readyz` says not ready) and connects
+/// when it can.
+///
 /// # Errors
-/// A socket could not be bound.
+/// A socket could not be bound, or the store could not be set up.
 pub async fn run(config_path: PathBuf, config: Config, signals: Signals) -> Result<(), StartError> {
     let metrics = crate::metrics::install();
     let config = Arc::new(config);
@@ -118,20 +127,32 @@ pub async fn run(config_path: PathBuf, config: Config, signals: Signals) -> Resu
         None => None,
     };
 
-    let store: Arc<dyn ContextStore> = match config.store.backend {
+    let store: Arc<dyn ContextStore> = match &config.store.backend {
         StoreBackend::Memory => {
-            let memory = Arc::new(MemoryStore::new());
+            let memory = Arc::new(MemoryStore::with_max_entries(config.store.max_contexts));
             memory.spawn_sweeper(Duration::from_secs(1), background.child_token());
             memory
         }
+        StoreBackend::Redis(redis) => {
+            info!(key_prefix = %redis.key_prefix, target = ?redis.target, "using the redis store");
+            Arc::new(RedisStore::new(redis)?)
+        }
     };
     let contexts = Arc::new(Contexts::new(store, config.store.consume, config.store.ttl));
+    // One subscription per process (none for the memory store).
+    let _subscriber = contexts.spawn_subscriber(background.child_token());
 
     let sockets = transport::bind_with_tls(&config.sip.listen, sip_tls)
         .await
         .map_err(|source| StartError::Bind {
             what: "SIP",
-            addr: format!("{:?}", config.sip.listen),
+            addr: config
+                .sip
+                .listen
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
             source,
         })?;
     let first_upstream = config
@@ -177,10 +198,13 @@ pub async fn run(config_path: PathBuf, config: Config, signals: Signals) -> Resu
     };
 
     // The webhook router is rebuilt on reload; requests go to whichever is current.
+    // One limiter for the process: a reload keeps its buckets (and `rate_limit`).
+    let limiter = Arc::new(webhook::ratelimit::KeyLimiter::new(config.http.rate_limit));
     let state = AppState {
         agents: Arc::clone(&agents),
         contexts: Arc::clone(&contexts),
         sip_ready: Arc::clone(&sip_ready),
+        limiter: Arc::clone(&limiter),
         ops: ops.clone(),
     };
     let state_template = state.clone();
@@ -259,6 +283,7 @@ pub async fn run(config_path: PathBuf, config: Config, signals: Signals) -> Resu
             now: signals.stop_now,
             drain_for: config.sip.drain,
         },
+        transport::ShellOptions::from_limits(&config.sip.limits),
     )
     .await;
     http_stop.cancel();

@@ -157,7 +157,15 @@ pub async fn send(path: &Path, agent: &str, phone: &str, fields: &[String]) -> a
     }
     let client = builder.build().context("cannot build an HTTP client")?;
     let mut out = String::new();
-    let result = exchange(&client, &webhook_base(&config), key, &payload, &mut out).await;
+    let secret = agent.webhook_secret.as_ref().map(|s| s.expose());
+    let result = exchange(
+        &client,
+        &webhook_base(&config),
+        (key, secret),
+        &payload,
+        &mut out,
+    )
+    .await;
     print!("{out}");
     result
 }
@@ -363,12 +371,22 @@ fn curl_command(config: &Config, agent: &AgentConfig, phone: &str) -> anyhow::Re
     body.insert("agentId".into(), agent.id.clone().into());
     body.insert("phoneNumber".into(), phone.into());
     body.insert("customer_name".into(), "Ada".into());
+    let body = Value::Object(body).to_string();
+    let url = shell_quote(&format!("{}/v1/precall", webhook_base(config)));
+    let auth = shell_quote(&format!("Authorization: Bearer {}", first_key(agent)?));
+    let json = shell_quote("Content-Type: application/json");
+    let Some(secret) = &agent.webhook_secret else {
+        return Ok(format!(
+            "curl -sS -X POST {url} -H {auth} -H {json} -d {}",
+            shell_quote(&body)
+        ));
+    };
+    // A signature holds a timestamp, so it is computed when the command runs.
     Ok(format!(
-        "curl -sS -X POST {} -H {} -H {} -d {}",
-        shell_quote(&format!("{}/v1/precall", webhook_base(config))),
-        shell_quote(&format!("Authorization: Bearer {}", first_key(agent)?)),
-        shell_quote("Content-Type: application/json"),
-        shell_quote(&Value::Object(body).to_string()),
+        "body={}; t=$(date +%s); sig=$(printf '%s.%s' \"$t\" \"$body\" | openssl dgst -sha256 -hmac {} -r | cut -d' ' -f1); \
+         curl -sS -X POST {url} -H {auth} -H {json} -H \"X-Precall-Signature: t=$t,v1=$sig\" -d \"$body\"",
+        shell_quote(&body),
+        shell_quote(&String::from_utf8_lossy(secret.expose())),
     ))
 }
 
@@ -415,10 +433,11 @@ fn field_value(text: &str) -> Value {
 
 /// The two requests of `send`, writing what to show into `out` as it goes (so a failed
 /// second step still shows the first).
+/// `credentials`: the API key, and the agent's `webhook_secret` when it signs.
 async fn exchange(
     client: &reqwest::Client,
     base_url: &str,
-    key: &str,
+    key: (&str, Option<&[u8]>),
     payload: &Value,
     out: &mut String,
 ) -> anyhow::Result<()> {
@@ -521,13 +540,25 @@ impl Answer {
 async fn post(
     client: &reqwest::Client,
     url: &str,
-    key: &str,
+    (key, secret): (&str, Option<&[u8]>),
     payload: &Value,
 ) -> anyhow::Result<Answer> {
-    let response = client
+    let body = payload.to_string();
+    let mut request = client
         .post(url)
         .bearer_auth(key)
-        .json(payload)
+        .header("content-type", "application/json");
+    if let Some(secret) = secret {
+        // Signed over the exact bytes sent (README "Webhook signatures").
+        let signature = crate::webhook::signature::sign(
+            secret,
+            crate::webhook::signature::unix_now(),
+            body.as_bytes(),
+        );
+        request = request.header(crate::webhook::signature::HEADER, signature);
+    }
+    let response = request
+        .body(body)
         .send()
         .await
         .with_context(|| format!("cannot reach {url} (is `precall run` running?)"))?;
@@ -851,7 +882,7 @@ inject = { mode = "both", url = "http://127.0.0.1:9000/context", timeout_ms = 25
         let base = fake_webhook(StatusCode::OK).await;
         let client = reqwest::Client::new();
         let mut out = String::new();
-        exchange(&client, &base, "good", &ada(), &mut out)
+        exchange(&client, &base, ("good", None), &ada(), &mut out)
             .await
             .unwrap();
         assert!(
@@ -875,7 +906,7 @@ inject = { mode = "both", url = "http://127.0.0.1:9000/context", timeout_ms = 25
         let base = fake_webhook(StatusCode::OK).await;
         let client = reqwest::Client::new();
         let mut out = String::new();
-        let err = exchange(&client, &base, "bad", &ada(), &mut out)
+        let err = exchange(&client, &base, ("bad", None), &ada(), &mut out)
             .await
             .unwrap_err();
         assert_eq!(
@@ -887,7 +918,7 @@ inject = { mode = "both", url = "http://127.0.0.1:9000/context", timeout_ms = 25
 
         let base = fake_webhook(StatusCode::UNPROCESSABLE_ENTITY).await;
         let mut out = String::new();
-        let err = exchange(&client, &base, "good", &ada(), &mut out)
+        let err = exchange(&client, &base, ("good", None), &ada(), &mut out)
             .await
             .unwrap_err();
         assert!(
@@ -902,14 +933,79 @@ inject = { mode = "both", url = "http://127.0.0.1:9000/context", timeout_ms = 25
     }
 
     #[tokio::test]
+    async fn send_signs_the_exact_body_for_an_agent_with_a_secret() {
+        use crate::webhook::signature;
+        // A webhook that answers 202 only to a valid signature of the raw body.
+        let check = |headers: HeaderMap, body: axum::body::Bytes| async move {
+            let sig = headers
+                .get(signature::HEADER)
+                .map(|v| v.as_bytes().to_vec());
+            match signature::verify(
+                b"a-secret-of-16-bytes",
+                sig.as_deref(),
+                &body,
+                signature::unix_now(),
+            ) {
+                Ok(()) => (StatusCode::ACCEPTED, Json(json!({"status": "accepted"}))),
+                Err(e) => (
+                    StatusCode::UNAUTHORIZED,
+                    Json(json!({"error": e.to_string()})),
+                ),
+            }
+        };
+        let app = Router::new().route("/v1/precall", post(check));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let client = reqwest::Client::new();
+        let url = format!("{base}/v1/precall");
+        let signed = super::post(
+            &client,
+            &url,
+            ("k", Some(b"a-secret-of-16-bytes".as_slice())),
+            &ada(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(signed.status, StatusCode::ACCEPTED, "{}", signed.text);
+        let unsigned = super::post(&client, &url, ("k", None), &ada())
+            .await
+            .unwrap();
+        assert_eq!(unsigned.status, StatusCode::UNAUTHORIZED);
+    }
+
+    #[test]
+    fn curl_for_a_signing_agent_computes_the_signature_when_run() {
+        let mut config = bundled();
+        config.agents[0].webhook_secret =
+            Some(crate::config::Secret("s3cret-s3cret-s3cret".into()));
+        let cmd = curl_command(&config, &config.agents[0], "+14155550123").unwrap();
+        assert!(cmd.starts_with("body='{\"agentId\""), "{cmd}");
+        assert!(
+            cmd.contains("openssl dgst -sha256 -hmac s3cret-s3cret-s3cret"),
+            "{cmd}"
+        );
+        assert!(
+            cmd.contains("-H \"X-Precall-Signature: t=$t,v1=$sig\" -d \"$body\""),
+            "{cmd}"
+        );
+    }
+
+    #[tokio::test]
     async fn send_says_when_nothing_listens() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         drop(listener);
         let mut out = String::new();
-        let err = exchange(&reqwest::Client::new(), &base, "k", &ada(), &mut out)
-            .await
-            .unwrap_err();
+        let err = exchange(
+            &reqwest::Client::new(),
+            &base,
+            ("k", None),
+            &ada(),
+            &mut out,
+        )
+        .await
+        .unwrap_err();
         assert!(
             err.to_string().contains("is `precall run` running?"),
             "{err}"

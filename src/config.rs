@@ -8,11 +8,6 @@
 //! first. A TOML syntax or type error stops the first step; it is reported with its line
 //! and column.
 //!
-//! Keys of later features (DESIGN.md "Keys of the later features") that a config may
-//! already carry are accepted and checked but not yet acted on: `store.url`,
-//! `store.key_prefix`. Values that name a later feature (`store.backend = "redis"`) are
-//! errors that say so, because silently running without them would surprise.
-//!
 //! TLS keys (`sip.tls_cert`/`tls_key`/`tls_ca`, `http.tls_cert`/`tls_key`) are checked
 //! here for presence and pairing, and that the files exist; the PEM contents are read by
 //! `precall run` before any socket is bound (and by `precall check`).
@@ -20,6 +15,11 @@
 //! Routing rules (`[[agents.routes]]`) are compiled here (see [`crate::route`]), so a
 //! broken `when` fails the load, and `precall check`, naming the agent and the rule:
 //! `agents[0] ("support-agent").routes[1] ("fraud").when: column 14: ...`.
+//!
+//! `[store]` with `backend = "redis"` takes exactly one of `url` (one server), `cluster`
+//! (Redis Cluster seed nodes) or `sentinel` (a master found through Sentinel), plus
+//! `key_prefix` and `timeout_ms` ([`RedisConfig`]). With `backend = "memory"` those keys
+//! are still checked but not used, so one file can serve both kinds of node.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -112,6 +112,8 @@ pub struct SipConfig {
     pub drain: Duration,
     /// `tls_cert`, `tls_key` (for `tls:` listeners) and `tls_ca` (for TLS upstreams).
     pub tls: SipTls,
+    /// Flood and hostile-peer limits (README "Limits").
+    pub limits: SipLimits,
 }
 
 /// TLS settings of the SIP side.
@@ -123,6 +125,48 @@ pub struct SipTls {
     pub key: Option<PathBuf>,
     /// PEM certificates trusted for TLS upstreams, besides the bundled Mozilla roots.
     pub ca: Option<PathBuf>,
+}
+
+/// `[sip]` limits against floods, scanners and hostile peers (README "Limits").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SipLimits {
+    /// `allowed_peers`: who may send requests at all (networks); empty (default) means
+    /// anyone. Configured upstreams always may (their BYEs and re-INVITEs must pass).
+    pub allowed_peers: Vec<IpNet>,
+    /// `max_tcp_connections` (1024): inbound connections open at once; past it a new
+    /// connection is closed as soon as it is accepted.
+    pub max_tcp_connections: usize,
+    /// `tcp_idle_secs` (120): a connection on which no complete message went either way
+    /// for this long is closed (slowloris: trickling bytes never count).
+    pub tcp_idle: Duration,
+    /// `max_held_calls` (10000): calls held for context at once; past it a new INVITE
+    /// gets `503` with `Retry-After`.
+    pub max_held_calls: usize,
+    /// `invite_rate_per_sec` (100, 0 = off) and `invite_burst` (twice the rate): new
+    /// INVITEs per source IP, `trusted_peers` exempt; over it `503` with `Retry-After`.
+    pub invite_rate: Option<Rate>,
+    /// `drop_scanners` (true): requests whose User-Agent names a known SIP scanner
+    /// (friendly-scanner, sipvicious, ...) are dropped without an answer.
+    pub drop_scanners: bool,
+    /// `stats_secs` (60, 0 = off): how often the `stats` log line is written.
+    pub stats_every: Option<Duration>,
+}
+
+impl Default for SipLimits {
+    fn default() -> Self {
+        SipLimits {
+            allowed_peers: Vec::new(),
+            max_tcp_connections: 1024,
+            tcp_idle: Duration::from_secs(120),
+            max_held_calls: 10_000,
+            invite_rate: Some(Rate {
+                per_sec: 100,
+                burst: 200,
+            }),
+            drop_scanners: true,
+            stats_every: Some(Duration::from_secs(60)),
+        }
+    }
 }
 
 impl Default for SipConfig {
@@ -138,6 +182,7 @@ impl Default for SipConfig {
             max_message_bytes: 65_535,
             drain: Duration::from_secs(30),
             tls: SipTls::default(),
+            limits: SipLimits::default(),
         }
     }
 }
@@ -147,6 +192,29 @@ impl Default for SipConfig {
 pub struct HttpTls {
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+/// A token-bucket rate: `per_sec` on average, up to `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub per_sec: u32,
+    pub burst: u32,
+}
+
+/// A secret that never shows in `Debug` output (configs are printed and logged).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -162,6 +230,9 @@ pub struct HttpConfig {
     pub tls: Option<HttpTls>,
     /// `admin_password`: enables the status page `/ui/` (HTTP Basic, user `admin`).
     pub admin_password: Option<String>,
+    /// `rate_limit_per_sec` (100, 0 = off) and `rate_limit_burst` (twice the rate):
+    /// webhook requests per API key; over it `429` with `Retry-After`.
+    pub rate_limit: Option<Rate>,
 }
 
 impl Default for HttpConfig {
@@ -172,13 +243,96 @@ impl Default for HttpConfig {
             client_concurrency: 256,
             tls: None,
             admin_password: None,
+            rate_limit: Some(Rate {
+                per_sec: 100,
+                burst: 200,
+            }),
         }
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which [`crate::store::ContextStore`] backs the contexts.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreBackend {
+    /// In this process only (the embedded default).
     Memory,
+    /// Shared by every sidecar pointing at the same Redis and `key_prefix`.
+    Redis(RedisConfig),
+}
+
+/// `[store]` for `backend = "redis"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    pub target: RedisTarget,
+    /// `key_prefix`, default `precall`: keys are `{key_prefix}:{agent}:{number}`, the
+    /// pub/sub channel `{key_prefix}:published`. Deployments sharing one Redis keep apart
+    /// by using different prefixes.
+    pub key_prefix: String,
+    /// `timeout_ms`, default 500: the bound on every Redis command and connection attempt.
+    pub timeout: Duration,
+}
+
+/// Where Redis is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// `url`: one server (`redis://`, `rediss://` for TLS; user, password and db in the URL).
+    Single(RedisUrl),
+    /// `cluster = [urls]`: seed nodes of a Redis Cluster (any reachable one is enough).
+    Cluster(Vec<RedisUrl>),
+    /// `sentinel = { master = "...", urls = [...] }`: the current master of `master`, as
+    /// the Sentinels at `urls` report it. `url`, when also given, supplies the credentials,
+    /// db and TLS for the master (its host and port are not used).
+    Sentinel {
+        master: String,
+        urls: Vec<RedisUrl>,
+        master_url: Option<RedisUrl>,
+    },
+}
+
+/// A `redis://` or `rediss://` URL as written. `Debug` and `Display` hide the password, so
+/// a logged or printed config never leaks it; [`RedisUrl::expose`] gives the real thing.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    /// The URL with its password, for the Redis client only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether the URL asks for TLS.
+    pub fn is_tls(&self) -> bool {
+        self.0.starts_with("rediss://")
+    }
+}
+
+impl fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // scheme://[user[:password]@]host...: replace what follows the first ':' of the
+        // userinfo, if there is userinfo at all.
+        let Some((scheme, rest)) = self.0.split_once("://") else {
+            return f.write_str(&self.0);
+        };
+        let authority_end = rest.find('/').unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(authority_end);
+        match authority.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+                if userinfo.contains(':') {
+                    write!(f, "{scheme}://{user}:***@{host}{path}")
+                } else {
+                    write!(f, "{scheme}://***@{host}{path}")
+                }
+            }
+            None => f.write_str(&self.0),
+        }
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{self}\"")
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -188,6 +342,9 @@ pub struct StoreConfig {
     pub ttl: Duration,
     /// `consume`, default true: a context is used by one call only.
     pub consume: bool,
+    /// `max_contexts` (1000000, memory backend): past it a webhook for a new key gets
+    /// `503` (keys already cached may still be replaced); expired ones are swept first.
+    pub max_contexts: usize,
 }
 
 /// Where an agent's calls go: parsed from `sip:HOST:PORT;transport=udp|tcp`.
@@ -318,6 +475,9 @@ pub struct AgentConfig {
     pub defaults: Map<String, Value>,
     pub inject: InjectConfig,
     pub caller_sources: Vec<CallerSource>,
+    /// `webhook_secret`: when set, webhook POSTs must carry a valid `X-Precall-Signature`
+    /// (HMAC-SHA256 of `"{t}.{body}"`, README "Webhook signatures").
+    pub webhook_secret: Option<Secret>,
 }
 
 impl AgentConfig {
@@ -339,6 +499,7 @@ impl AgentConfig {
             defaults: Map::new(),
             inject: InjectConfig::default(),
             caller_sources: vec![CallerSource::Pai, CallerSource::From],
+            webhook_secret: None,
         }
     }
 }
@@ -523,6 +684,16 @@ const BODY_BYTES: std::ops::RangeInclusive<u64> = 64..=1_048_576;
 const FALLBACK_WAIT_MS_MAX: u64 = 60_000;
 /// `inject.max_bytes` upper bound: no SIP message is larger.
 const INJECT_BYTES_MAX: u64 = 65_535;
+/// Bounds of the `[sip]`/`[http]`/`[store]` limits (README "Limits").
+const TCP_CONNECTIONS: std::ops::RangeInclusive<u64> = 1..=1_000_000;
+const IDLE_SECS: std::ops::RangeInclusive<u64> = 1..=86_400;
+const HELD_CALLS: std::ops::RangeInclusive<u64> = 1..=1_000_000;
+const RATE_PER_SEC: std::ops::RangeInclusive<u64> = 0..=1_000_000;
+const BURST: std::ops::RangeInclusive<u64> = 1..=10_000_000;
+const STATS_SECS: std::ops::RangeInclusive<u64> = 0..=86_400;
+const CONTEXTS: std::ops::RangeInclusive<u64> = 1..=100_000_000;
+/// `webhook_secret` length: long enough not to be guessed, short enough to be sane.
+const SECRET_LEN: std::ops::RangeInclusive<usize> = 16..=512;
 /// Longest agent id / API key accepted.
 const ID_MAX: usize = 128;
 const KEY_MAX: usize = 512;
@@ -566,6 +737,14 @@ struct RawSip {
     tls_cert: Option<String>,
     tls_key: Option<String>,
     tls_ca: Option<String>,
+    allowed_peers: Option<Vec<String>>,
+    max_tcp_connections: Option<u64>,
+    tcp_idle_secs: Option<u64>,
+    max_held_calls: Option<u64>,
+    invite_rate_per_sec: Option<u64>,
+    invite_burst: Option<u64>,
+    drop_scanners: Option<bool>,
+    stats_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -577,6 +756,8 @@ struct RawHttp {
     tls_cert: Option<String>,
     tls_key: Option<String>,
     admin_password: Option<String>,
+    rate_limit_per_sec: Option<u64>,
+    rate_limit_burst: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -585,10 +766,22 @@ struct RawStore {
     backend: Option<String>,
     ttl_secs: Option<u64>,
     consume: Option<bool>,
-    /// Later feature (Redis); accepted, not yet acted on.
+    /// One Redis server (`backend = "redis"`).
     url: Option<String>,
-    /// Later feature (Redis); accepted, not yet acted on.
+    /// Redis Cluster seed nodes.
+    cluster: Option<Vec<String>>,
+    /// A master found through Redis Sentinel.
+    sentinel: Option<RawSentinel>,
     key_prefix: Option<String>,
+    timeout_ms: Option<u64>,
+    max_contexts: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSentinel {
+    master: Option<String>,
+    urls: Option<Vec<String>>,
 }
 
 /// One upstream, or a list to fail over through.
@@ -623,6 +816,7 @@ struct RawAgent {
     caller_sources: Option<Vec<String>>,
     #[serde(default)]
     routes: Vec<RawRoute>,
+    webhook_secret: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -829,6 +1023,45 @@ fn validate_sip(raw: RawSip, problems: &mut Problems) -> SipConfig {
         _ => {}
     }
 
+    let limits = SipLimits {
+        allowed_peers: nets(
+            raw.allowed_peers.as_deref().unwrap_or_default(),
+            "sip.allowed_peers",
+            problems,
+        ),
+        max_tcp_connections: bounded(
+            raw.max_tcp_connections,
+            1024,
+            &TCP_CONNECTIONS,
+            "sip.max_tcp_connections",
+            problems,
+        ),
+        tcp_idle: Duration::from_secs(bounded(
+            raw.tcp_idle_secs,
+            120,
+            &IDLE_SECS,
+            "sip.tcp_idle_secs",
+            problems,
+        )),
+        max_held_calls: bounded(
+            raw.max_held_calls,
+            10_000,
+            &HELD_CALLS,
+            "sip.max_held_calls",
+            problems,
+        ),
+        invite_rate: rate(
+            (raw.invite_rate_per_sec, "sip.invite_rate_per_sec", 100),
+            (raw.invite_burst, "sip.invite_burst"),
+            problems,
+        ),
+        drop_scanners: raw.drop_scanners.unwrap_or(true),
+        stats_every: match bounded(raw.stats_secs, 60, &STATS_SECS, "sip.stats_secs", problems) {
+            0 => None,
+            secs => Some(Duration::from_secs(secs)),
+        },
+    };
+
     SipConfig {
         listen,
         trusted_peers,
@@ -839,6 +1072,7 @@ fn validate_sip(raw: RawSip, problems: &mut Problems) -> SipConfig {
         max_message_bytes: usize::try_from(max_message_bytes).unwrap_or(65_535),
         drain: Duration::from_secs(drain_secs),
         tls: SipTls { cert, key, ca },
+        limits,
     }
 }
 
@@ -869,6 +1103,60 @@ fn admin_password(raw: Option<String>, problems: &mut Problems) -> Option<String
         return None;
     }
     Some(password)
+}
+
+/// IP addresses or networks (`10.0.0.0/8`), host bits cleared.
+fn nets(texts: &[String], key: &str, problems: &mut Problems) -> Vec<IpNet> {
+    let mut out = Vec::with_capacity(texts.len());
+    for (i, text) in texts.iter().enumerate() {
+        let net = text
+            .parse::<IpNet>()
+            .map(|net| net.trunc())
+            .or_else(|_| text.parse::<IpAddr>().map(IpNet::from));
+        match net {
+            Ok(net) => out.push(net),
+            Err(_) => problems.add(
+                format_args!("{key}[{i}]"),
+                format!("{text:?} is not an IP address or network (10.0.0.0/8)"),
+            ),
+        }
+    }
+    out
+}
+
+/// `value` (or `default`) checked against `range`; the default on a problem.
+fn bounded<T: TryFrom<u64> + Copy>(
+    value: Option<u64>,
+    default: T,
+    range: &std::ops::RangeInclusive<u64>,
+    key: &str,
+    problems: &mut Problems,
+) -> T {
+    match value {
+        None => default,
+        Some(v) if range.contains(&v) => T::try_from(v).unwrap_or(default),
+        Some(v) => {
+            problems.add(key, in_range(v, range));
+            default
+        }
+    }
+}
+
+/// A rate key (`0` = off) and its burst key (default twice the rate).
+fn rate(
+    (per_sec, per_sec_key, default): (Option<u64>, &str, u32),
+    (burst, burst_key): (Option<u64>, &str),
+    problems: &mut Problems,
+) -> Option<Rate> {
+    let per_sec: u32 = bounded(per_sec, default, &RATE_PER_SEC, per_sec_key, problems);
+    let burst: u32 = bounded(
+        burst,
+        per_sec.saturating_mul(2).max(1),
+        &BURST,
+        burst_key,
+        problems,
+    );
+    (per_sec > 0).then_some(Rate { per_sec, burst })
 }
 
 fn validate_http(raw: RawHttp, problems: &mut Problems) -> HttpConfig {
@@ -914,45 +1202,158 @@ fn validate_http(raw: RawHttp, problems: &mut Problems) -> HttpConfig {
         client_concurrency: usize::try_from(client_concurrency).unwrap_or(256),
         tls,
         admin_password: admin_password(raw.admin_password, problems),
+        rate_limit: rate(
+            (raw.rate_limit_per_sec, "http.rate_limit_per_sec", 100),
+            (raw.rate_limit_burst, "http.rate_limit_burst"),
+            problems,
+        ),
     }
 }
 
 fn validate_store(raw: RawStore, problems: &mut Problems) -> StoreConfig {
-    match raw.backend.as_deref() {
-        None | Some("memory") => {}
-        Some("redis") => problems.add(
-            "store.backend",
-            "\"redis\" is not supported by this build yet (use \"memory\")",
-        ),
-        Some(other) => problems.add(
-            "store.backend",
-            format!("{other:?} is not \"memory\" or \"redis\""),
-        ),
-    }
+    let is_redis = match raw.backend.as_deref() {
+        None | Some("memory") => false,
+        Some("redis") => true,
+        Some(other) => {
+            problems.add(
+                "store.backend",
+                format!("{other:?} is not \"memory\" or \"redis\""),
+            );
+            false
+        }
+    };
     let ttl_secs = raw.ttl_secs.unwrap_or(300);
     if ttl_secs == 0 {
         problems.add("store.ttl_secs", "must be at least 1");
     }
-    if let Some(url) = &raw.url {
-        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-            problems.add(
-                "store.url",
-                format!("{url:?} is not a redis:// or rediss:// URL"),
-            );
-        }
-    }
-    if let Some(prefix) = &raw.key_prefix {
-        if prefix.is_empty() || prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            problems.add(
-                "store.key_prefix",
-                format!("{prefix:?} must be non-empty, without spaces or control characters"),
-            );
-        }
-    }
+    let redis = validate_redis(&raw, is_redis, problems);
     StoreConfig {
-        backend: StoreBackend::Memory,
+        backend: redis.map_or(StoreBackend::Memory, StoreBackend::Redis),
         ttl: Duration::from_secs(ttl_secs),
         consume: raw.consume.unwrap_or(true),
+        max_contexts: bounded(
+            raw.max_contexts,
+            1_000_000,
+            &CONTEXTS,
+            "store.max_contexts",
+            problems,
+        ),
+    }
+}
+
+/// `store.timeout_ms` bounds: a Redis answer slower than 30 s is no answer for a call.
+const STORE_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 1..=30_000;
+
+/// The Redis keys of `[store]`. They are checked whatever the backend (a shared file may
+/// carry them on a memory node); the result is `Some` only for `backend = "redis"` without
+/// problems.
+fn validate_redis(raw: &RawStore, is_redis: bool, problems: &mut Problems) -> Option<RedisConfig> {
+    let before = problems.0.len();
+    let url = raw
+        .url
+        .as_deref()
+        .and_then(|url| redis_url("store.url", url, problems));
+    let cluster = raw.cluster.as_ref().map(|urls| {
+        if urls.is_empty() {
+            problems.add("store.cluster", "list at least one redis:// URL");
+        }
+        urls.iter()
+            .enumerate()
+            .filter_map(|(i, url)| redis_url(format!("store.cluster[{i}]"), url, problems))
+            .collect::<Vec<_>>()
+    });
+    let sentinel = raw.sentinel.as_ref().map(|raw| {
+        let master = raw.master.clone().unwrap_or_default();
+        if master.is_empty() || master.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            problems.add(
+                "store.sentinel.master",
+                "the master's name as the Sentinels know it, e.g. \"mymaster\"",
+            );
+        }
+        let urls = raw.urls.clone().unwrap_or_default();
+        if urls.is_empty() {
+            problems.add(
+                "store.sentinel.urls",
+                "list at least one Sentinel, e.g. [\"redis://10.0.0.1:26379\"]",
+            );
+        }
+        let urls: Vec<RedisUrl> = (urls.iter().enumerate())
+            .filter_map(|(i, url)| redis_url(format!("store.sentinel.urls[{i}]"), url, problems))
+            .collect();
+        (master, urls)
+    });
+    let key_prefix = raw
+        .key_prefix
+        .clone()
+        .unwrap_or_else(|| "precall".to_string());
+    if key_prefix.is_empty()
+        || key_prefix.len() > 64
+        || key_prefix
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        problems.add(
+            "store.key_prefix",
+            format!(
+                "{key_prefix:?} must be 1 to 64 characters, without spaces or control characters"
+            ),
+        );
+    }
+    let timeout_ms = raw.timeout_ms.unwrap_or(500);
+    if !STORE_TIMEOUT_MS.contains(&timeout_ms) {
+        problems.add("store.timeout_ms", in_range(timeout_ms, &STORE_TIMEOUT_MS));
+    }
+    let target = match (url, cluster, sentinel) {
+        (Some(url), None, None) => Some(RedisTarget::Single(url)),
+        (None, Some(urls), None) => Some(RedisTarget::Cluster(urls)),
+        (master_url, None, Some((master, urls))) => Some(RedisTarget::Sentinel {
+            master,
+            urls,
+            master_url,
+        }),
+        _ => None,
+    };
+    if raw.cluster.is_some() && (raw.url.is_some() || raw.sentinel.is_some()) {
+        problems.add(
+            "store.cluster",
+            "use store.cluster alone, without store.url or store.sentinel",
+        );
+    }
+    if is_redis && raw.url.is_none() && raw.cluster.is_none() && raw.sentinel.is_none() {
+        problems.add(
+            "store.backend",
+            "\"redis\" needs store.url, store.cluster or store.sentinel",
+        );
+    }
+    if !is_redis || problems.0.len() > before {
+        return None;
+    }
+    target.map(|target| RedisConfig {
+        target,
+        key_prefix,
+        timeout: Duration::from_millis(timeout_ms),
+    })
+}
+
+/// A `redis://` or `rediss://` URL the Redis client can read (host, port, db, user,
+/// password); parsing it opens nothing.
+fn redis_url(key: impl fmt::Display, url: &str, problems: &mut Problems) -> Option<RedisUrl> {
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        // Only the scheme is quoted: the rest may hold a password.
+        let shown = url.split_once("://").map_or(url, |(scheme, _)| scheme);
+        problems.add(
+            key,
+            format!("{shown:?}... is not a redis:// or rediss:// URL"),
+        );
+        return None;
+    }
+    let shown = RedisUrl(url.to_string());
+    match redis::IntoConnectionInfo::into_connection_info(url) {
+        Ok(_) => Some(shown),
+        Err(error) => {
+            problems.add(key, format!("{shown} is not a valid Redis URL: {error}"));
+            None
+        }
     }
 }
 
@@ -1139,6 +1540,19 @@ fn validate_agent(
         None => sip.caller_sources.clone(),
     };
 
+    if let Some(secret) = &raw.webhook_secret {
+        if !SECRET_LEN.contains(&secret.len()) || !secret.bytes().all(|b| b.is_ascii_graphic()) {
+            problems.add(
+                key("webhook_secret"),
+                format!(
+                    "must be {} to {} visible ASCII characters, without spaces",
+                    SECRET_LEN.start(),
+                    SECRET_LEN.end()
+                ),
+            );
+        }
+    }
+
     if problems.0.len() != before {
         return None;
     }
@@ -1156,6 +1570,7 @@ fn validate_agent(
         defaults,
         inject,
         caller_sources,
+        webhook_secret: raw.webhook_secret.map(Secret),
     })
 }
 
@@ -1577,7 +1992,7 @@ upstream = "sip:127.0.0.1:5070"
         assert!(Config::from_toml_str(&text).is_ok());
         fails_with(
             &format!("[store]\nurl = \"http://x\"\n{MINIMAL}"),
-            "store.url: \"http://x\" is not a redis:// or rediss:// URL",
+            "store.url: \"http\"... is not a redis:// or rediss:// URL",
         );
         fails_with(
             &format!("[store]\nkey_prefix = \"a b\"\n{MINIMAL}"),
@@ -1746,7 +2161,7 @@ upstream = "sip:127.0.0.1:5070"
         );
         fails_with(
             &format!("[store]\nbackend = \"redis\"\n{MINIMAL}"),
-            "store.backend: \"redis\" is not supported by this build yet",
+            "store.backend: \"redis\" needs store.url, store.cluster or store.sentinel",
         );
         fails_with(
             &format!("[store]\nbackend = \"etcd\"\n{MINIMAL}"),
@@ -1756,6 +2171,139 @@ upstream = "sip:127.0.0.1:5070"
             &format!("[store]\nttl_secs = 0\n{MINIMAL}"),
             "store.ttl_secs: must be at least 1",
         );
+    }
+
+    fn redis_of(store: &str) -> RedisConfig {
+        let cfg = Config::from_toml_str(&format!("[store]\n{store}\n{MINIMAL}")).unwrap();
+        match cfg.store.backend {
+            StoreBackend::Redis(redis) => redis,
+            StoreBackend::Memory => panic!("memory backend for {store:?}"),
+        }
+    }
+
+    #[test]
+    fn redis_single_server_with_defaults() {
+        let redis = redis_of("backend = \"redis\"\nurl = \"redis://127.0.0.1:6379/0\"");
+        assert_eq!(
+            redis.target,
+            RedisTarget::Single(RedisUrl("redis://127.0.0.1:6379/0".to_string()))
+        );
+        assert_eq!(redis.key_prefix, "precall");
+        assert_eq!(redis.timeout, Duration::from_millis(500));
+        let redis = redis_of(
+            "backend = \"redis\"\nurl = \"rediss://u:pw@redis.example:6380/2\"\nkey_prefix = \"site-a\"\ntimeout_ms = 250",
+        );
+        assert_eq!(redis.key_prefix, "site-a");
+        assert_eq!(redis.timeout, Duration::from_millis(250));
+        let RedisTarget::Single(url) = &redis.target else {
+            panic!("{:?}", redis.target)
+        };
+        assert!(url.is_tls());
+        assert_eq!(url.expose(), "rediss://u:pw@redis.example:6380/2");
+    }
+
+    #[test]
+    fn redis_cluster_and_sentinel() {
+        let redis = redis_of(
+            "backend = \"redis\"\ncluster = [\"redis://10.0.0.1:7000\", \"redis://10.0.0.2:7000\"]",
+        );
+        let RedisTarget::Cluster(urls) = &redis.target else {
+            panic!("{:?}", redis.target)
+        };
+        assert_eq!(urls.len(), 2);
+        let redis = redis_of(
+            "backend = \"redis\"\nsentinel = { master = \"mymaster\", urls = [\"redis://10.0.0.1:26379\"] }",
+        );
+        assert_eq!(
+            redis.target,
+            RedisTarget::Sentinel {
+                master: "mymaster".to_string(),
+                urls: vec![RedisUrl("redis://10.0.0.1:26379".to_string())],
+                master_url: None,
+            }
+        );
+        // url beside sentinel: the master's credentials and db.
+        let redis = redis_of(
+            "backend = \"redis\"\nurl = \"redis://:pw@_/3\"\nsentinel = { master = \"m\", urls = [\"redis://s:26379\"] }",
+        );
+        assert!(matches!(
+            redis.target,
+            RedisTarget::Sentinel {
+                master_url: Some(_),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn redis_problems_name_the_key() {
+        let redis = |store: &str| format!("[store]\nbackend = \"redis\"\n{store}\n{MINIMAL}");
+        fails_with(
+            &redis("cluster = []"),
+            "store.cluster: list at least one redis:// URL",
+        );
+        fails_with(
+            &redis("cluster = [\"redis://a:1\", \"http://b\"]"),
+            "store.cluster[1]: \"http\"... is not a redis://",
+        );
+        fails_with(
+            &redis("url = \"redis://a:1\"\ncluster = [\"redis://a:1\"]"),
+            "store.cluster: use store.cluster alone",
+        );
+        fails_with(
+            &redis("sentinel = { master = \"m\" }"),
+            "store.sentinel.urls: list at least one Sentinel",
+        );
+        fails_with(
+            &redis("sentinel = { urls = [\"redis://s:26379\"] }"),
+            "store.sentinel.master:",
+        );
+        fails_with(
+            &redis("sentinel = { master = \"m\", urls = [\"redis://s\"], name = \"x\" }"),
+            "line ",
+        );
+        fails_with(
+            &redis("url = \"redis://a:1\"\ntimeout_ms = 0"),
+            "store.timeout_ms:",
+        );
+        fails_with(
+            &redis("url = \"redis://a:1\"\nkey_prefix = \"\""),
+            "store.key_prefix:",
+        );
+        fails_with(
+            &redis("url = \"redis://a:notaport\""),
+            "store.url: redis://a:notaport is not a valid Redis URL",
+        );
+    }
+
+    #[test]
+    fn redis_urls_never_show_their_password() {
+        let shown = |url: &str| RedisUrl(url.to_string()).to_string();
+        assert_eq!(shown("redis://u:secret@h:6379/0"), "redis://u:***@h:6379/0");
+        assert_eq!(shown("redis://:secret@h"), "redis://:***@h");
+        assert_eq!(shown("rediss://secret@h/1"), "rediss://***@h/1");
+        assert_eq!(shown("redis://h:6379"), "redis://h:6379");
+        assert_eq!(
+            format!("{:?}", RedisUrl("redis://u:secret@h".to_string())),
+            "\"redis://u:***@h\""
+        );
+        // A bad URL's error quotes the scheme only.
+        let got = problems(&format!("[store]\nurl = \"http://u:secret@h\"\n{MINIMAL}"));
+        assert!(!got.concat().contains("secret"), "{got:?}");
+        let got = problems(&format!(
+            "[store]\nurl = \"redis://u:secret@h:bad\"\n{MINIMAL}"
+        ));
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(!got.concat().contains("secret"), "{got:?}");
+    }
+
+    #[test]
+    fn redis_keys_on_a_memory_node_are_checked_but_unused() {
+        let cfg = Config::from_toml_str(&format!(
+            "[store]\nurl = \"redis://127.0.0.1\"\ntimeout_ms = 100\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(cfg.store.backend, StoreBackend::Memory);
     }
 
     #[test]
@@ -2255,5 +2803,102 @@ set = { note = "no context" }"#,
         assert_eq!(routes[0].name.as_deref(), Some("fraud"));
         assert!(matches!(routes[0].target, RouteTarget::Upstreams(_)));
         assert_eq!(routes[1].target, RouteTarget::Agent("sales-uk".into()));
+    }
+
+    #[test]
+    fn limits_default_when_left_out() {
+        let cfg = Config::from_toml_str(MINIMAL).unwrap();
+        assert_eq!(cfg.sip.limits, SipLimits::default());
+        let l = &cfg.sip.limits;
+        assert!(l.allowed_peers.is_empty(), "anyone may send by default");
+        assert_eq!(l.max_tcp_connections, 1024);
+        assert_eq!(l.tcp_idle, Duration::from_secs(120));
+        assert_eq!(l.max_held_calls, 10_000);
+        assert_eq!(
+            l.invite_rate,
+            Some(Rate {
+                per_sec: 100,
+                burst: 200
+            })
+        );
+        assert!(l.drop_scanners);
+        assert_eq!(l.stats_every, Some(Duration::from_secs(60)));
+        assert_eq!(
+            cfg.http.rate_limit,
+            Some(Rate {
+                per_sec: 100,
+                burst: 200
+            })
+        );
+        assert_eq!(cfg.store.max_contexts, 1_000_000);
+        assert!(cfg.agents[0].webhook_secret.is_none());
+        // The bundled file spells out the same defaults.
+        let bundled = Config::from_toml_str(BUNDLED).unwrap();
+        assert_eq!(bundled.sip.limits, SipLimits::default());
+        assert_eq!(bundled.http.rate_limit, cfg.http.rate_limit);
+        assert_eq!(bundled.store.max_contexts, cfg.store.max_contexts);
+    }
+
+    #[test]
+    fn limits_are_read_and_checked() {
+        let text = format!(
+            "[sip]\nallowed_peers = [\"192.0.2.7\", \"10.1.2.3/8\"]\nmax_tcp_connections = 5\n\
+             tcp_idle_secs = 2\nmax_held_calls = 3\ninvite_rate_per_sec = 7\ndrop_scanners = false\n\
+             stats_secs = 0\n[http]\nrate_limit_per_sec = 0\n[store]\nmax_contexts = 9\n{MINIMAL}\
+             webhook_secret = \"0123456789abcdef\"\n"
+        );
+        let cfg = Config::from_toml_str(&text).unwrap();
+        let l = &cfg.sip.limits;
+        assert_eq!(
+            l.allowed_peers,
+            vec![
+                "192.0.2.7/32".parse::<IpNet>().unwrap(),
+                "10.0.0.0/8".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            (l.max_tcp_connections, l.tcp_idle, l.max_held_calls),
+            (5, Duration::from_secs(2), 3)
+        );
+        assert_eq!(
+            l.invite_rate,
+            Some(Rate {
+                per_sec: 7,
+                burst: 14
+            }),
+            "the burst defaults to twice the rate"
+        );
+        assert!(!l.drop_scanners);
+        assert_eq!(l.stats_every, None);
+        assert_eq!(cfg.http.rate_limit, None, "0 turns the limit off");
+        assert_eq!(cfg.store.max_contexts, 9);
+        let secret = cfg.agents[0].webhook_secret.as_ref().unwrap();
+        assert_eq!(secret.expose(), b"0123456789abcdef");
+        assert!(
+            !format!("{:?}", cfg.agents[0]).contains("0123456789abcdef"),
+            "a secret never shows in Debug output"
+        );
+
+        let got = problems(&format!(
+            "[sip]\nallowed_peers = [\"nope\"]\nmax_tcp_connections = 0\ntcp_idle_secs = 0\n\
+             max_held_calls = 0\ninvite_burst = 0\n[http]\nrate_limit_burst = 0\n\
+             [store]\nmax_contexts = 0\n{MINIMAL}webhook_secret = \"short\"\n"
+        ));
+        for want in [
+            "sip.allowed_peers[0]: \"nope\" is not an IP address",
+            "sip.max_tcp_connections: 0 is not between 1 and",
+            "sip.tcp_idle_secs: 0 is not between 1 and",
+            "sip.max_held_calls: 0 is not between 1 and",
+            "sip.invite_burst: 0 is not between 1 and",
+            "http.rate_limit_burst: 0 is not between 1 and",
+            "store.max_contexts: 0 is not between 1 and",
+            "agents[0].webhook_secret: must be 16 to 512",
+        ] {
+            assert!(
+                got.iter().any(|p| p.starts_with(want)),
+                "{want:?} not in {got:#?}"
+            );
+        }
+        assert_eq!(got.len(), 8, "{got:#?}");
     }
 }

@@ -13,22 +13,28 @@
 //! - [`agent`]: which agent a call is for, who is calling (pure).
 //! - [`inject`]: context → `X-Precall-*` header lines (or one JSON header), sanitised and bounded (pure).
 //! - [`route`]: routing rules: CEL expressions over the settled context pick where a call goes (pure).
+//! - [`limits`]: keyed token buckets, network lists, scanner names (pure; README "Limits").
 //! - [`sip::message`], [`sip::parse`]: zero-copy SIP parser over `bytes::Bytes`, byte-splicing editor.
+//! - [`sip::uri`]: the routing-relevant parts of SIP URIs (host, port, transport, lr, tag).
 //! - [`sip::transaction`]: RFC 3261 §17 timers and transaction keys (pure).
-//! - [`sip::proxy`]: RFC 3261 §16 proxy core: hold, forward, CANCEL, Record-Route (sans-IO).
-//! - [`sip::transport`]: the IO shell: UDP/TCP sockets and timers driving the proxy core.
-//! - [`store`]: the `ContextStore` trait, the in-memory backend, and the wait registry.
+//! - [`sip::proxy`]: RFC 3261 §16 proxy core: hold, routes, HTTP delivery and look-up requests,
+//!   forward with failover, CANCEL, Record-Route, health probes, drain (sans-IO).
+//! - [`sip::transport`]: the IO shell: UDP/TCP sockets, the timer, context look-ups and the
+//!   outgoing HTTP client driving the proxy core.
+//! - [`store`]: the `ContextStore` trait, the in-memory and Redis backends, and the wait
+//!   registry (with the cross-node wake for Redis).
 //! - [`webhook`]: the axum HTTP API (`/v1/precall`, health).
 //! - [`metrics`]: Prometheus metric names and handles, the recent-calls log of the status page.
 //! - [`tls`]: rustls (ring) server and client configs from PEM files, the HTTPS listener.
-//! - [`app`]: wires config, store, SIP and HTTP together for `precall run`.
-//! - [`cli`]: clap commands `run`, `check`, `curl`, `send`.
+//! - [`app`]: wires config, store, SIP and HTTP together for `precall run`; drain and reload.
+//! - [`cli`]: clap commands `run`, `check`, `curl`, `send`, `reload`.
 
 pub mod agent;
 pub mod app;
 pub mod cli;
 pub mod config;
 pub mod inject;
+pub mod limits;
 pub mod metrics;
 pub mod number;
 pub mod route;

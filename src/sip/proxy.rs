@@ -281,6 +281,7 @@ pub struct Proxy {
     draining: bool,
     /// Held-call count and finished calls, for the status page.
     call_log: Arc<CallLog>,
+    guard: guard::Guard,
 }
 
 /// Upstream liveness from OPTIONS probes (`health_check_secs`). Only probed upstreams
@@ -339,6 +340,7 @@ impl Proxy {
         let sip = &agents.config.sip;
         let health = Health::new(&agents);
         Proxy {
+            guard: guard::Guard::new(&sip.limits),
             timers: Timers::new(sip.t1),
             max_message_bytes: sip.max_message_bytes,
             record_route: sip.record_route,
@@ -540,9 +542,9 @@ impl Proxy {
             return;
         };
         debug!(peer = %from.addr, %error, "answering 400 to malformed request");
-        let reason = format!("Bad Request ({error})");
+        let (code, reason) = guard::unparseable_status(bytes, error);
         let mut out = Vec::with_capacity(256);
-        out.extend_from_slice(format!("SIP/2.0 400 {reason}\r\n").as_bytes());
+        out.extend_from_slice(format!("SIP/2.0 {code} {reason}\r\n").as_bytes());
         for via in &s.vias {
             push_header(&mut out, b"Via", via);
         }
@@ -725,16 +727,19 @@ impl Proxy {
         let Some(method) = msg.method().cloned() else {
             return;
         };
+        if self.refuse_request(now, &from, &msg, &method) {
+            return; // scanners, allowed_peers, 416, 420, out-of-dialog (guard.rs)
+        }
         match method {
             Method::Invite => self.on_invite(now, from, msg),
             Method::Ack => self.on_ack(now, from, msg),
             Method::Cancel => self.on_cancel(now, from, msg),
-            _ => self.forward_stateless(from, msg),
+            _ => self.forward_stateless(now, from, msg),
         }
     }
 
     fn on_invite(&mut self, now: Instant, from: Peer, msg: Message) {
-        let Some(key) = msg.top_via().as_ref().and_then(ServerKey::of) else {
+        let Some(key) = self.server_key(&msg) else {
             self.respond(&msg, &from, 400, "Bad Request (no branch)", None);
             return;
         };
@@ -753,7 +758,7 @@ impl Proxy {
         }
         if has_to_tag(&msg) {
             // re-INVITE inside a dialog: end to end, like any in-dialog request.
-            self.forward_stateless(from, msg);
+            self.forward_stateless(now, from, msg);
             return;
         }
         if msg.max_forwards() == Some(0) {
@@ -767,9 +772,12 @@ impl Proxy {
                 &from,
                 503,
                 "Service Unavailable",
-                b"Retry-After: 5\r\n",
+                "Retry-After: 5\r\n",
             );
             return;
+        }
+        if self.refuse_invite(now, &from, &msg) {
+            return; // INVITE rate, held-call cap (guard.rs)
         }
         let agents = Arc::clone(&self.agents);
         let called = called_user(&msg);
@@ -867,7 +875,7 @@ impl Proxy {
     }
 
     fn on_ack(&mut self, now: Instant, from: Peer, msg: Message) {
-        if let Some(key) = msg.top_via().as_ref().and_then(ServerKey::of) {
+        if let Some(key) = self.server_key(&msg) {
             if let Some(&id) = self.by_server.get(&key) {
                 if let Some(call) = self.calls.get_mut(&id) {
                     match call.server {
@@ -898,11 +906,11 @@ impl Proxy {
             // for a transaction already forgotten: hop by hop, it ends here.
             return;
         }
-        self.forward_stateless(from, msg);
+        self.forward_stateless(now, from, msg);
     }
 
     fn on_cancel(&mut self, now: Instant, from: Peer, msg: Message) {
-        let Some(key) = msg.top_via().as_ref().and_then(ServerKey::of) else {
+        let Some(key) = self.server_key(&msg) else {
             self.respond(&msg, &from, 400, "Bad Request (no branch)", None);
             return;
         };
@@ -949,7 +957,7 @@ impl Proxy {
 
     /// Forwards a request without keeping state (§16.11): along our Record-Route, or by
     /// called number to the agent's upstream when no Route points at us.
-    fn forward_stateless(&mut self, from: Peer, msg: Message) {
+    fn forward_stateless(&mut self, now: Instant, from: Peer, msg: Message) {
         let is_ack = msg.method() == Some(&Method::Ack);
         if msg.max_forwards() == Some(0) {
             if !is_ack {
@@ -1001,6 +1009,9 @@ impl Proxy {
             }
             return;
         };
+        if self.refuse_relay(now, &from, &msg, to) {
+            return; // no open relay (guard.rs)
+        }
         let listener = self.listener_for(transport);
         let branch = transaction::stateless_branch(
             self.seed,
@@ -1059,7 +1070,7 @@ impl Proxy {
             from,
             200,
             "OK",
-            b"Allow: INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, PRACK\r\nAccept: application/sdp\r\n",
+            "Allow: INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, PRACK\r\nAccept: application/sdp\r\n",
         );
     }
 
@@ -1856,18 +1867,6 @@ impl Proxy {
         Bytes::from(out)
     }
 
-    /// Like [`Proxy::respond`], with extra header lines (CRLF-terminated).
-    fn respond_with(&mut self, req: &Message, from: &Peer, code: u16, reason: &str, extra: &[u8]) {
-        let tag = self.tag_prefix.clone();
-        let mut bytes = self
-            .build_response(req, from, code, reason, Some(&tag))
-            .to_vec();
-        let at = bytes.len().saturating_sub(2);
-        bytes.splice(at..at, extra.iter().copied());
-        let t = reply_target(req.top_via().as_ref(), from, Bytes::from(bytes));
-        self.out.push_back(Output::Transmit(t));
-    }
-
     /// Builds and sends a response to a request we do not keep state for.
     fn respond(
         &mut self,
@@ -2206,6 +2205,9 @@ fn answer_summary(answer: &HttpAnswer) -> String {
         HttpAnswer::Failed(reason) => reason.clone(),
     }
 }
+
+mod guard;
+pub use guard::GuardStats;
 
 #[cfg(test)]
 mod tests;

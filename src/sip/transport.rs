@@ -9,16 +9,32 @@
 //!
 //! TLS is TCP with a rustls session in between: a `tls:` listener accepts TCP, runs the
 //! handshake on the connection's own task, then hands the stream to the same reader and
-//! writer tasks and Content-Length framing as TCP; an outgoing TLS connection is a TCP
-//! connect plus a TLS client handshake (see [`crate::tls`] for certificate checks).
+//! writer tasks as TCP, with the same Content-Length framing, connection cap, idle
+//! timeout and bounded write queue; an outgoing TLS connection is a TCP connect plus a
+//! TLS client handshake (see [`crate::tls`] for certificate checks).
 //! Every message in or out is counted (`precall_sip_messages_total`) from its first bytes.
+//!
+//! # What a hostile network can cost (README "Limits")
+//! - TCP and TLS (one budget): at most `sip.max_tcp_connections` inbound connections (more
+//!   are closed as soon as accepted; a TLS handshake in progress counts, and must finish
+//!   within [`crate::tls::HANDSHAKE_TIMEOUT`] or `sip.tcp_idle_secs`, whichever is
+//!   shorter); a connection with no complete message either way for `sip.tcp_idle_secs` is
+//!   closed (trickled bytes do not count: slowloris); at most [`WRITE_QUEUE`] messages wait
+//!   to be written to one connection (a peer that does not read is dropped); bytes that
+//!   cannot be framed get a `400` when one can be addressed, then the connection closes.
+//! - Out of file descriptors: `accept` fails; counted, logged at most every 10 s, retried
+//!   after a pause, and everything else (UDP, calls in flight) goes on.
+//! - UDP: a full receive buffer makes the kernel drop datagrams; the drops are read from
+//!   `/proc/net/udp` and reported in the `stats` line. ICMP errors (port unreachable) are
+//!   received through `IP_RECVERR` and become [`Proxy::handle_transport_error`], so a call
+//!   to an upstream that is not listening gets `503` at once instead of `408` after Timer B.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket as StdUdpSocket};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
@@ -32,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::agent::Agents;
-use crate::config::{ListenAddr, Transport};
+use crate::config::{ListenAddr, SipLimits, Transport};
 use crate::metrics::{self as observe, Direction};
 use crate::store::{Claim, Contexts};
 
@@ -115,12 +131,128 @@ fn bind_udp(addr: SocketAddr) -> io::Result<StdUdpSocket> {
     let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
     socket.bind(&addr.into())?;
     socket.set_nonblocking(true)?;
+    if let Err(error) = recv_icmp_errors(&socket, addr) {
+        debug!(%error, "IP_RECVERR not available: ICMP errors from upstreams go unseen");
+    }
     debug!(
         recv_buffer = socket.recv_buffer_size().unwrap_or(0),
         send_buffer = socket.send_buffer_size().unwrap_or(0),
         "UDP socket buffers"
     );
     Ok(socket.into())
+}
+
+/// Asks the kernel to report ICMP errors (port/host unreachable) for datagrams sent from
+/// this unconnected socket (Linux `IP_RECVERR`/`IPV6_RECVERR`, ip(7)): without it they are
+/// silently discarded, and a call to an upstream that is down waits for Timer B.
+#[cfg(target_os = "linux")]
+fn recv_icmp_errors(socket: &socket2::Socket, addr: SocketAddr) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (level, name) = match addr {
+        SocketAddr::V4(_) => (libc::IPPROTO_IP, libc::IP_RECVERR),
+        SocketAddr::V6(_) => (libc::IPPROTO_IPV6, libc::IPV6_RECVERR),
+    };
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket fd, a pointer to a live c_int and its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn recv_icmp_errors(_socket: &socket2::Socket, _addr: SocketAddr) -> io::Result<()> {
+    Err(io::Error::new(io::ErrorKind::Unsupported, "Linux only"))
+}
+
+/// Reads the socket's error queue (filled thanks to [`recv_icmp_errors`]): each entry's
+/// address is where the datagram that failed was going, which becomes a transport error
+/// for the calls waiting on that address.
+#[cfg(target_os = "linux")]
+async fn udp_errors(
+    sock: Arc<UdpSocket>,
+    tx: mpsc::Sender<Event>,
+    stats: Arc<ShellStats>,
+    shutdown: CancellationToken,
+) {
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 512];
+    loop {
+        let ready = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = sock.ready(tokio::io::Interest::ERROR) => r,
+        };
+        if ready.is_err() {
+            return;
+        }
+        loop {
+            let got = sock.try_io(tokio::io::Interest::ERROR, || {
+                socket2::SockRef::from(&*sock).recv_from_with_flags(&mut buf, libc::MSG_ERRQUEUE)
+            });
+            match got {
+                Ok((_, dest)) => {
+                    let Some(to) = dest.as_socket() else { continue };
+                    stats.icmp_errors.fetch_add(1, Ordering::Relaxed);
+                    debug!(%to, "ICMP error for a datagram sent to this address");
+                    let ev = Event::TransportError {
+                        transport: Transport::Udp,
+                        to,
+                    };
+                    if tx.send(ev).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(error) => {
+                    debug!(%error, "reading the UDP error queue failed");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Datagrams the kernel dropped on this socket (receive buffer full), from the `drops`
+/// column of `/proc/net/udp[6]` for the socket's inode. `None` where that is unavailable.
+fn udp_kernel_drops(sock: &UdpSocket) -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", sock.as_raw_fd())).ok()?;
+        let link = link.to_string_lossy();
+        let inode = link
+            .strip_prefix("socket:[")?
+            .strip_suffix(']')?
+            .to_string();
+        let mut total = None;
+        for table in ["/proc/net/udp", "/proc/net/udp6"] {
+            let Ok(text) = std::fs::read_to_string(table) else {
+                continue;
+            };
+            for line in text.lines().skip(1) {
+                let cols: Vec<&str> = line.split_whitespace().collect();
+                if cols.get(9) == Some(&inode.as_str()) {
+                    let drops: u64 = cols.get(12).and_then(|d| d.parse().ok())?;
+                    total = Some(total.unwrap_or(0) + drops);
+                }
+            }
+        }
+        total
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = sock;
+        None
+    }
 }
 
 /// The address to advertise in Via/Record-Route for a socket bound to `bound`: itself,
@@ -174,6 +306,60 @@ enum Event {
         transport: Transport,
         to: SocketAddr,
     },
+    /// Close this TCP/TLS connection once what the core has just queued for it is written
+    /// (after a `400` to unframeable bytes).
+    CloseConn {
+        conn: ConnId,
+    },
+}
+
+/// How the shell is bounded (README "Limits"); [`ShellOptions::from_limits`] reads them
+/// from `[sip]`.
+#[derive(Debug, Clone)]
+pub struct ShellOptions {
+    /// Inbound TCP connections open at once.
+    pub max_tcp_connections: usize,
+    /// No complete message either way for this long: the connection is closed.
+    pub tcp_idle: Duration,
+    /// How often to log the `stats` line; `None`: never.
+    pub stats_every: Option<Duration>,
+}
+
+impl Default for ShellOptions {
+    fn default() -> Self {
+        ShellOptions::from_limits(&SipLimits::default())
+    }
+}
+
+impl ShellOptions {
+    pub fn from_limits(limits: &SipLimits) -> ShellOptions {
+        ShellOptions {
+            max_tcp_connections: limits.max_tcp_connections,
+            tcp_idle: limits.tcp_idle,
+            stats_every: limits.stats_every,
+        }
+    }
+}
+
+/// Most messages waiting to be written to one TCP connection. A peer that stops reading
+/// while sending (or while we answer it) is dropped past this, rather than growing a queue.
+pub const WRITE_QUEUE: usize = 1024;
+
+/// What the shell counted since start (for the `stats` line).
+#[derive(Debug, Default)]
+pub struct ShellStats {
+    /// Inbound connections closed at once because `max_tcp_connections` were open.
+    pub tcp_refused: AtomicU64,
+    /// Connections closed by the idle timeout.
+    pub tcp_idle_closed: AtomicU64,
+    /// Connections dropped because their write queue was full.
+    pub tcp_write_overflow: AtomicU64,
+    /// Connections closed because their bytes could not be framed.
+    pub tcp_unframeable: AtomicU64,
+    /// `accept` failures (out of file descriptors, ...).
+    pub accept_errors: AtomicU64,
+    /// ICMP errors received for datagrams we sent.
+    pub icmp_errors: AtomicU64,
 }
 
 /// Upper bound on an HTTP answer's body (look-ups): past it the answer counts as failed.
@@ -257,8 +443,49 @@ impl HttpClient {
 #[derive(Default)]
 struct Connections {
     next: AtomicU64,
-    by_id: DashMap<ConnId, mpsc::UnboundedSender<Bytes>>,
+    by_id: DashMap<ConnId, ConnHandle>,
     by_addr: DashMap<(Transport, SocketAddr), ConnId>,
+    /// Inbound (accepted) connections open now.
+    inbound: AtomicUsize,
+    stats: Arc<ShellStats>,
+}
+
+/// What the rest of the shell holds of one connection.
+#[derive(Clone)]
+struct ConnHandle {
+    tx: mpsc::Sender<Bytes>,
+    /// Cancel to close the connection (its reader stops; the writer ends once the queue
+    /// is drained and every sender is gone).
+    close: CancellationToken,
+}
+
+impl Connections {
+    /// Queues `bytes` on connection `id`; a full queue closes the connection.
+    fn send(&self, id: ConnId, bytes: Bytes) {
+        let Some(handle) = self.by_id.get(&id).map(|h| h.clone()) else {
+            return;
+        };
+        match handle.tx.try_send(bytes) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.stats
+                    .tcp_write_overflow
+                    .fetch_add(1, Ordering::Relaxed);
+                warn!(conn = id, "closing a connection whose peer does not read");
+                self.forget(id);
+                handle.close.cancel();
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => self.forget(id),
+        }
+    }
+
+    /// Removes `id` from the maps (its tasks end on their own).
+    fn forget(&self, id: ConnId) {
+        if let Some((_, handle)) = self.by_id.remove(&id) {
+            handle.close.cancel();
+        }
+        self.by_addr.retain(|_, v| *v != id);
+    }
 }
 
 /// What outgoing TLS connections need: the client config (bundled roots plus
@@ -333,6 +560,7 @@ pub struct Stop {
 }
 
 /// Runs the SIP side until it has drained after `stop.drain`, or `stop.now`.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     mut proxy: Proxy,
     sockets: Vec<(BoundSocket, SocketAddr)>,
@@ -341,6 +569,7 @@ pub async fn run(
     http: HttpClient,
     mut control: mpsc::Receiver<Control>,
     stop: Stop,
+    options: ShellOptions,
 ) {
     // The sockets stay open through the drain (responses, in-dialog requests) and close
     // when this function returns.
@@ -351,12 +580,23 @@ pub async fn run(
     let (tx, mut rx) = mpsc::channel::<Event>(65_536);
     proxy.start(tokio::time::Instant::now().into_std());
     let conns = Arc::new(Connections::default());
+    let stream = StreamOptions {
+        max_message_bytes,
+        idle: options.tcp_idle,
+    };
     let mut udp: HashMap<usize, Arc<UdpSocket>> = HashMap::new();
     let mut tls_client = TlsClient::from_agents(proxy.agents());
     for (index, (sock, _)) in sockets.into_iter().enumerate() {
         match sock {
             BoundSocket::Udp(s) => {
                 udp.insert(index, Arc::clone(&s));
+                #[cfg(target_os = "linux")]
+                tokio::spawn(udp_errors(
+                    Arc::clone(&s),
+                    tx.clone(),
+                    Arc::clone(&conns.stats),
+                    shutdown.child_token(),
+                ));
                 tokio::spawn(udp_reader(index, s, tx.clone(), shutdown.child_token()));
             }
             BoundSocket::Tcp(l) => {
@@ -366,7 +606,8 @@ pub async fn run(
                     None,
                     Arc::clone(&conns),
                     tx.clone(),
-                    max_message_bytes,
+                    stream,
+                    options.max_tcp_connections,
                     shutdown.child_token(),
                 ));
             }
@@ -377,13 +618,20 @@ pub async fn run(
                     Some(acceptor),
                     Arc::clone(&conns),
                     tx.clone(),
-                    max_message_bytes,
+                    stream,
+                    options.max_tcp_connections,
                     shutdown.child_token(),
                 ));
             }
         }
     }
-
+    let mut stats_tick = options.stats_every.map(|every| {
+        let mut t = tokio::time::interval(every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
+    let mut reported_drops: u64 = 0;
+    let mut to_close: Vec<ConnId> = Vec::new();
     let mut waiting: HashMap<HoldId, AbortHandle> = HashMap::new();
     let sleep = tokio::time::sleep(Duration::from_secs(3600));
     tokio::pin!(sleep);
@@ -419,6 +667,9 @@ pub async fn run(
             }
             () = &mut sleep => {
                 proxy.handle_timeout(tokio::time::Instant::now().into_std());
+            }
+            _ = tick(&mut stats_tick) => {
+                log_stats(&proxy, &contexts, &conns, &udp, &mut reported_drops);
             }
             ev = rx.recv() => {
                 let Some(ev) = ev else { break };
@@ -474,6 +725,8 @@ pub async fn run(
                     Event::TransportError { transport, to } => {
                         proxy.handle_transport_error(now, transport, to)
                     }
+                    // After the outputs below: the 400 must be queued first.
+                    Event::CloseConn { conn } => to_close.push(conn),
                 }
                 // Take what else is already queued without going back to select!, a
                 // bounded batch so timers are not starved under load.
@@ -487,7 +740,7 @@ pub async fn run(
             while let Some(out) = proxy.poll_output() {
                 match out {
                     Output::Transmit(t) => {
-                        transmit(&udp, &conns, tls_client.as_ref(), &tx, t, max_message_bytes)
+                        transmit(&udp, &conns, tls_client.as_ref(), &tx, t, stream)
                     }
                     Output::Lookup { hold, key } => {
                         let contexts2 = Arc::clone(&contexts);
@@ -565,6 +818,11 @@ pub async fn run(
                     }
                 }
             }
+            for conn in to_close.drain(..) {
+                // Dropping the handle lets the writer finish the queue, then close.
+                conns.by_id.remove(&conn);
+                conns.by_addr.retain(|_, v| *v != conn);
+            }
             if immediate.is_empty() {
                 break;
             }
@@ -579,13 +837,81 @@ pub async fn run(
     }
 }
 
+/// The next tick of the stats interval; never, when there is none.
+async fn tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The periodic `stats` line: what is held and in memory now, and what was refused or
+/// dropped since start. The soak test (`scripts/soak.sh`) reads it.
+fn log_stats(
+    proxy: &Proxy,
+    contexts: &Contexts,
+    conns: &Connections,
+    udp: &HashMap<usize, Arc<UdpSocket>>,
+    reported_drops: &mut u64,
+) {
+    let core = proxy.stats();
+    let guard = proxy.guard_stats();
+    let shell = &conns.stats;
+    let udp_drops: u64 = udp.values().filter_map(|s| udp_kernel_drops(s)).sum();
+    if udp_drops > *reported_drops {
+        warn!(
+            dropped = udp_drops - *reported_drops,
+            "the kernel dropped UDP datagrams: receive buffer full"
+        );
+        *reported_drops = udp_drops;
+    }
+    let stored = contexts
+        .store
+        .len_now()
+        .map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    info!(
+        held = core.held_now,
+        calls = proxy.calls_in_memory(),
+        waiting = contexts.waiting(),
+        contexts = stored,
+        tcp = conns.by_id.len(),
+        tcp_inbound = conns.inbound.load(Ordering::Relaxed),
+        parse_errors = core.parse_errors,
+        dropped = core.dropped,
+        scanners = guard.scanners_dropped,
+        peers_refused = guard.peers_refused,
+        rate_limited = guard.rate_limited,
+        capacity_refused = guard.capacity_refused,
+        relay_refused = guard.relay_refused,
+        out_of_dialog = guard.out_of_dialog_refused,
+        udp_drops,
+        tcp_refused = load(&shell.tcp_refused),
+        tcp_idle_closed = load(&shell.tcp_idle_closed),
+        tcp_write_overflow = load(&shell.tcp_write_overflow),
+        tcp_unframeable = load(&shell.tcp_unframeable),
+        accept_errors = load(&shell.accept_errors),
+        icmp_errors = load(&shell.icmp_errors),
+        "stats"
+    );
+}
+
+/// Per-connection stream settings.
+#[derive(Debug, Clone, Copy)]
+struct StreamOptions {
+    max_message_bytes: usize,
+    idle: Duration,
+}
+
 fn transmit(
     udp: &HashMap<usize, Arc<UdpSocket>>,
     conns: &Arc<Connections>,
     tls: Option<&TlsClient>,
     tx: &mpsc::Sender<Event>,
     t: Transmit,
-    max_message_bytes: usize,
+    stream: StreamOptions,
 ) {
     observe::count_sip(Direction::Out, &t.bytes);
     if t.transport == Transport::Udp {
@@ -621,8 +947,8 @@ fn transmit(
                 .then(|| conns.by_addr.get(&(Transport::Tls, t.to)).map(|c| *c))
                 .flatten()
         });
-    if let Some(sender) = conn.and_then(|c| conns.by_id.get(&c)) {
-        let _ = sender.send(t.bytes);
+    if let Some(conn) = conn {
+        conns.send(conn, t.bytes);
         return;
     }
     // No connection to that address yet: open one; it also reads what comes back.
@@ -654,32 +980,28 @@ fn transmit(
                 to: t.to,
             }
         };
-        let stream = match TcpStream::connect(t.to).await {
-            Ok(stream) => stream,
+        let socket = match TcpStream::connect(t.to).await {
+            Ok(socket) => socket,
             Err(error) => {
                 let _ = tx.send(failed(error.to_string())).await;
                 return;
             }
         };
-        let _ = stream.set_nodelay(true);
-        let sender = match tls {
+        let _ = socket.set_nodelay(true);
+        let id = match tls {
             None => {
-                let (reader, writer) = stream.into_split();
-                let (_, sender) = register(
-                    &conns,
-                    reader,
-                    writer,
+                let (reader, writer) = socket.into_split();
+                let wire = Wire {
                     transport,
-                    t.to,
-                    t.listener,
-                    tx,
-                    max_message_bytes,
-                );
-                sender
+                    peer: t.to,
+                    listener: t.listener,
+                    slot: None,
+                };
+                register(&conns, reader, writer, wire, tx, stream)
             }
             Some(tls) => {
                 let name = tls.name_for(t.to);
-                let handshake = tls.connector.connect(name, stream);
+                let handshake = tls.connector.connect(name, socket);
                 let tls_stream =
                     match tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, handshake).await {
                         Ok(Ok(s)) => s,
@@ -693,21 +1015,17 @@ fn transmit(
                         }
                     };
                 let (reader, writer) = tokio::io::split(tls_stream);
-                let (_, sender) = register(
-                    &conns,
-                    reader,
-                    writer,
+                let wire = Wire {
                     transport,
-                    t.to,
-                    t.listener,
-                    tx,
-                    max_message_bytes,
-                );
-                sender
+                    peer: t.to,
+                    listener: t.listener,
+                    slot: None,
+                };
+                register(&conns, reader, writer, wire, tx, stream)
             }
         };
-        debug!(to = %t.to, transport = transport.param_name(), "opened connection");
-        let _ = sender.send(t.bytes);
+        debug!(conn = id, to = %t.to, transport = transport.param_name(), "opened connection");
+        conns.send(id, t.bytes);
     });
 }
 
@@ -753,134 +1071,250 @@ async fn udp_reader(
     }
 }
 
-/// Accepts TCP connections (with a TLS handshake first when `tls` is set).
+/// At most one `warn` line per this long for a repeating failure (accept errors, refused
+/// connections): a flood must not flood the log too. The counts are in the `stats` line.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Whether `last` (the time of the last warning) is old enough to warn again.
+fn warn_due(last: &Mutex<Option<Instant>>) -> bool {
+    let mut last = last
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let now = Instant::now();
+    let due = last.is_none_or(|at| now.duration_since(at) >= WARN_EVERY);
+    if due {
+        *last = Some(now);
+    }
+    due
+}
+
+/// Accepts TCP connections (with a TLS handshake first when `tls` is set), at most
+/// `max_connections` at once: a TLS connection takes its slot before the handshake, so
+/// clients that never finish one cannot get around the cap.
+#[allow(clippy::too_many_arguments)]
 async fn tcp_acceptor(
     listener: usize,
     sock: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     conns: Arc<Connections>,
     tx: mpsc::Sender<Event>,
-    max_message_bytes: usize,
+    stream: StreamOptions,
+    max_connections: usize,
     shutdown: CancellationToken,
 ) {
+    let transport = if tls.is_some() {
+        Transport::Tls
+    } else {
+        Transport::Tcp
+    };
+    let (warned_full, warned_error) = (Mutex::new(None), Mutex::new(None));
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
             r = sock.accept() => r,
         };
         match accepted {
-            Ok((stream, from)) => {
-                let _ = stream.set_nodelay(true);
-                match &tls {
-                    None => {
-                        let (reader, writer) = stream.into_split();
-                        let (id, _) = register(
-                            &conns,
-                            reader,
-                            writer,
-                            Transport::Tcp,
-                            from,
-                            listener,
-                            tx.clone(),
-                            max_message_bytes,
-                        );
-                        debug!(conn = id, peer = %from, "accepted TCP connection");
+            Ok((socket, from)) => {
+                if conns.inbound.load(Ordering::Relaxed) >= max_connections {
+                    // Closed at once (dropped): the peer sees the connection end.
+                    conns.stats.tcp_refused.fetch_add(1, Ordering::Relaxed);
+                    if warn_due(&warned_full) {
+                        warn!(peer = %from, max_connections, transport = transport.param_name(), "too many connections; closing new ones");
                     }
-                    Some(acceptor) => {
-                        // The handshake runs on its own task: a slow or silent client
-                        // never holds up the next accept.
-                        let handshake = acceptor.accept(stream);
-                        let conns = Arc::clone(&conns);
-                        let tx = tx.clone();
-                        tokio::spawn(async move {
-                            let limit = crate::tls::HANDSHAKE_TIMEOUT;
-                            let stream = match tokio::time::timeout(limit, handshake).await {
-                                Ok(Ok(stream)) => stream,
-                                Ok(Err(error)) => {
-                                    debug!(%error, peer = %from, "TLS handshake failed");
-                                    return;
-                                }
-                                Err(_) => {
-                                    debug!(peer = %from, "TLS handshake timed out");
-                                    return;
-                                }
-                            };
-                            let (reader, writer) = tokio::io::split(stream);
-                            let (id, _) = register(
-                                &conns,
-                                reader,
-                                writer,
-                                Transport::Tls,
-                                from,
-                                listener,
-                                tx,
-                                max_message_bytes,
-                            );
-                            debug!(conn = id, peer = %from, "accepted TLS connection");
-                        });
-                    }
+                    continue;
                 }
+                let _ = socket.set_nodelay(true);
+                let wire = Wire {
+                    transport,
+                    peer: from,
+                    listener,
+                    slot: Some(InboundSlot::take(&conns)),
+                };
+                let Some(acceptor) = &tls else {
+                    let (reader, writer) = socket.into_split();
+                    let id = register(&conns, reader, writer, wire, tx.clone(), stream);
+                    debug!(conn = id, peer = %from, "accepted TCP connection");
+                    continue;
+                };
+                // The handshake runs on its own task: a slow or silent client never holds
+                // up the next accept. It holds its slot (given back on failure) for the
+                // handshake timeout at most, or `tcp_idle_secs` when that is shorter, so
+                // a silent TLS client lasts no longer than a silent TCP one.
+                let handshake = acceptor.accept(socket);
+                let conns = Arc::clone(&conns);
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let limit = crate::tls::HANDSHAKE_TIMEOUT.min(stream.idle);
+                    let stream_tls = match tokio::time::timeout(limit, handshake).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(error)) => {
+                            debug!(%error, peer = %from, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!(peer = %from, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let (reader, writer) = tokio::io::split(stream_tls);
+                    let id = register(&conns, reader, writer, wire, tx, stream);
+                    debug!(conn = id, peer = %from, "accepted TLS connection");
+                });
             }
             Err(error) => {
-                // e.g. out of file descriptors: back off briefly rather than spin.
-                warn!(%error, "TCP accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Out of file descriptors (EMFILE/ENFILE) and the like: the pending
+                // connection stays in the backlog. Back off rather than spin; UDP and the
+                // calls in flight are unaffected.
+                conns.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                if warn_due(&warned_error) {
+                    warn!(%error, "TCP accept failed; retrying shortly");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
 }
 
+/// One of the `max_tcp_connections` inbound slots: taken at accept (before any TLS
+/// handshake), given back when dropped (the connection closed, or its handshake failed).
+struct InboundSlot(Arc<Connections>);
+
+impl InboundSlot {
+    fn take(conns: &Arc<Connections>) -> InboundSlot {
+        conns.inbound.fetch_add(1, Ordering::Relaxed);
+        InboundSlot(Arc::clone(conns))
+    }
+}
+
+impl Drop for InboundSlot {
+    fn drop(&mut self) {
+        self.0.inbound.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Who is at the other end of a connection and how it is reached.
+struct Wire {
+    /// `Tcp` or `Tls`: what the messages read from it are marked with, and the key it is
+    /// found under for reuse.
+    transport: Transport,
+    peer: SocketAddr,
+    /// The listener its messages count as received on.
+    listener: usize,
+    /// Held while an inbound connection is open; `None` for the ones we open.
+    slot: Option<InboundSlot>,
+}
+
 /// Registers a connection (TCP, or TLS after its handshake) and starts its reader and
-/// writer tasks.
-#[allow(clippy::too_many_arguments)]
+/// writer tasks; returns its id. Both kinds get the same framing, idle timeout and
+/// bounded write queue.
 fn register<R, W>(
     conns: &Arc<Connections>,
     mut reader: R,
     mut writer: W,
-    transport: Transport,
-    peer: SocketAddr,
-    listener: usize,
+    wire: Wire,
     tx: mpsc::Sender<Event>,
-    max_message_bytes: usize,
-) -> (ConnId, mpsc::UnboundedSender<Bytes>)
+    opts: StreamOptions,
+) -> ConnId
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    let Wire {
+        transport,
+        peer,
+        listener,
+        slot,
+    } = wire;
     let id = conns.next.fetch_add(1, Ordering::Relaxed) + 1;
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Bytes>();
-    conns.by_id.insert(id, out_tx.clone());
+    let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+    let close = CancellationToken::new();
+    conns.by_id.insert(
+        id,
+        ConnHandle {
+            tx: out_tx,
+            close: close.clone(),
+        },
+    );
     conns.by_addr.insert((transport, peer), id);
+    let started = Instant::now();
+    // Milliseconds since `started` of the last complete message read or written: the
+    // idle timer counts from it.
+    let progress = Arc::new(AtomicU64::new(0));
+    let since = move |at: Instant| {
+        u64::try_from(at.duration_since(started).as_millis()).unwrap_or(u64::MAX)
+    };
+    let writer_progress = Arc::clone(&progress);
+    let writer_close = close.clone();
+    let writer_tx = tx.clone();
     tokio::spawn(async move {
         while let Some(bytes) = out_rx.recv().await {
-            if let Err(error) = writer.write_all(&bytes).await {
+            // A TLS writer buffers records until flushed; for TCP the flush is a no-op.
+            let written = match writer.write_all(&bytes).await {
+                Ok(()) => writer.flush().await,
+                Err(error) => Err(error),
+            };
+            if let Err(error) = written {
                 debug!(%error, conn = id, "write failed");
+                // A reset connection: calls waiting on this peer fail over or get 503.
+                let _ = writer_tx
+                    .send(Event::TransportError {
+                        transport,
+                        to: peer,
+                    })
+                    .await;
+                writer_close.cancel();
                 break;
             }
-            // A TLS writer buffers records until flushed; for TCP this is a no-op.
-            if let Err(error) = writer.flush().await {
-                debug!(%error, conn = id, "flush failed");
-                break;
-            }
+            writer_progress.fetch_max(since(Instant::now()), Ordering::Relaxed);
         }
+        // Every sender is gone (the connection was forgotten) or writing failed.
         let _ = writer.shutdown().await;
     });
     let conns = Arc::clone(conns);
     tokio::spawn(async move {
+        // Given back when this task ends, whichever way.
+        let _slot = slot;
         let mut buf = BytesMut::with_capacity(TCP_READ_CHUNK);
         'conn: loop {
             if buf.capacity() - buf.len() < 1024 {
                 buf.reserve(TCP_READ_CHUNK);
             }
-            match reader.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => break,
+            let last = Duration::from_millis(progress.load(Ordering::Relaxed));
+            let deadline = tokio::time::Instant::from_std(started + last + opts.idle);
+            let read = tokio::select! {
+                () = close.cancelled() => break,
+                () = tokio::time::sleep_until(deadline) => {
+                    let last = Duration::from_millis(progress.load(Ordering::Relaxed));
+                    if started + last + opts.idle <= Instant::now() {
+                        conns.stats.tcp_idle_closed.fetch_add(1, Ordering::Relaxed);
+                        debug!(conn = id, peer = %peer, "closing idle connection");
+                        break;
+                    }
+                    continue; // something was written meanwhile
+                }
+                r = reader.read_buf(&mut buf) => r,
+            };
+            match read {
+                Ok(0) => break,
+                Err(error) => {
+                    if error.kind() == io::ErrorKind::ConnectionReset {
+                        let _ = tx
+                            .send(Event::TransportError {
+                                transport,
+                                to: peer,
+                            })
+                            .await;
+                    }
+                    break;
+                }
                 Ok(_) => {}
             }
             loop {
-                match parse::frame_stream(&buf, max_message_bytes) {
+                match parse::frame_stream(&buf, opts.max_message_bytes) {
                     Ok(frame) => {
                         let _ = buf.split_to(frame.skip);
                         let bytes = buf.split_to(frame.len).freeze();
+                        progress.fetch_max(since(Instant::now()), Ordering::Relaxed);
                         observe::count_sip(Direction::In, &bytes);
                         if tx
                             .send(Event::Stream {
@@ -897,24 +1331,43 @@ where
                         }
                     }
                     Err(ParseError::Incomplete) => {
-                        // only keep-alive CRLFs so far: drop them
+                        // only keep-alive CRLFs so far: drop them (RFC 5626 pings keep
+                        // a connection alive)
                         if buf.iter().all(|b| matches!(b, b'\r' | b'\n')) {
+                            if !buf.is_empty() {
+                                progress.fetch_max(since(Instant::now()), Ordering::Relaxed);
+                            }
                             buf.clear();
                         }
                         break;
                     }
                     Err(error) => {
-                        // Framing is lost: nothing after this can be trusted.
-                        observe::count_parse_error();
-                        warn!(%error, peer = %peer, "closing connection with unframeable data");
-                        break 'conn;
+                        // Framing is lost: nothing after this can be trusted. Let the core
+                        // answer 400 when it can address one (it counts the parse error),
+                        // then close once that is sent.
+                        conns.stats.tcp_unframeable.fetch_add(1, Ordering::Relaxed);
+                        debug!(%error, peer = %peer, "closing connection with unframeable data");
+                        let end = buf.len().min(opts.max_message_bytes);
+                        let bytes = buf.split_to(end).freeze();
+                        observe::count_sip(Direction::In, &bytes);
+                        let _ = tx
+                            .send(Event::Stream {
+                                listener,
+                                transport,
+                                conn: id,
+                                from: peer,
+                                bytes,
+                            })
+                            .await;
+                        let _ = tx.send(Event::CloseConn { conn: id }).await;
+                        debug!(conn = id, "connection closing after unframeable data");
+                        return;
                     }
                 }
             }
         }
-        conns.by_id.remove(&id);
-        conns.by_addr.remove_if(&(transport, peer), |_, v| *v == id);
+        conns.forget(id);
         debug!(conn = id, "connection closed");
     });
-    (id, out_tx)
+    id
 }

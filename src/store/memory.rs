@@ -6,7 +6,7 @@
 //! TTL behaviour is tested without sleeping. An expired entry is invisible to every read
 //! the moment its deadline passes; the sweeper only reclaims the memory.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dashmap::mapref::entry::Entry as MapEntry;
@@ -38,14 +38,83 @@ impl Entry {
 }
 
 /// The in-memory [`ContextStore`]: one process, no persistence.
+///
+/// Optionally bounded (`store.max_contexts`): when full, a context for a key not held yet
+/// is refused with [`StoreError::Full`] (the webhook answers `503`), after one sweep of
+/// expired entries. Refusing rather than evicting is deliberate: a context dropped to make
+/// room would silently turn some caller's call into a fallback, while a refused webhook
+/// tells its sender, who can retry. Keys already held can always be replaced.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     entries: DashMap<CallerKey, Entry>,
+    /// `None`: unbounded.
+    max_entries: Option<usize>,
+    /// When a full store last swept for room: at most one such sweep per
+    /// [`FULL_SWEEP_EVERY`], so a flood of new keys against a full store costs no more
+    /// than a refusal each.
+    last_full_sweep: Mutex<Option<Instant>>,
 }
+
+/// See [`MemoryStore::last_full_sweep`].
+const FULL_SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 impl MemoryStore {
     pub fn new() -> MemoryStore {
         MemoryStore::default()
+    }
+
+    /// A store holding at most `max` contexts (see the type's docs for the policy).
+    pub fn with_max_entries(max: usize) -> MemoryStore {
+        MemoryStore {
+            max_entries: Some(max),
+            ..MemoryStore::default()
+        }
+    }
+
+    /// Whether a new key may be added at `now`: below the bound, or below it again after
+    /// sweeping expired entries (at most once per [`FULL_SWEEP_EVERY`]).
+    fn has_room_for(&self, key: &CallerKey, now: Instant) -> Result<(), StoreError> {
+        let Some(max) = self.max_entries else {
+            return Ok(());
+        };
+        if self.entries.len() < max || self.entries.contains_key(key) {
+            return Ok(());
+        }
+        let sweep_due = {
+            let mut last = self
+                .last_full_sweep
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let due = last.is_none_or(|at| now.saturating_duration_since(at) >= FULL_SWEEP_EVERY);
+            if due {
+                *last = Some(now);
+            }
+            due
+        };
+        if sweep_due {
+            self.sweep(now);
+        }
+        if self.entries.len() < max {
+            Ok(())
+        } else {
+            Err(StoreError::Full { max })
+        }
+    }
+
+    /// [`MemoryStore::put_at`] within the bound.
+    ///
+    /// # Errors
+    /// [`StoreError::Full`] when the store is full and `key` is not in it.
+    pub fn try_put_at(
+        &self,
+        key: &CallerKey,
+        ctx: Context,
+        ttl: Duration,
+        now: Instant,
+    ) -> Result<(), StoreError> {
+        self.has_room_for(key, now)?;
+        self.put_at(key, ctx, ttl, now);
+        Ok(())
     }
 
     /// Stores (replaces) `ctx` for `key`, visible until `now + ttl`.
@@ -156,8 +225,7 @@ impl MemoryStore {
 #[async_trait::async_trait]
 impl ContextStore for MemoryStore {
     async fn put(&self, key: &CallerKey, ctx: Context, ttl: Duration) -> Result<(), StoreError> {
-        self.put_at(key, ctx, ttl, Instant::now());
-        Ok(())
+        self.try_put_at(key, ctx, ttl, Instant::now())
     }
 
     async fn put_if_absent(
@@ -166,7 +234,9 @@ impl ContextStore for MemoryStore {
         ctx: Context,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        Ok(self.put_if_absent_at(key, ctx, ttl, Instant::now()))
+        let now = Instant::now();
+        self.has_room_for(key, now)?;
+        Ok(self.put_if_absent_at(key, ctx, ttl, now))
     }
 
     async fn get(&self, key: &CallerKey) -> Result<Option<Context>, StoreError> {
@@ -187,6 +257,10 @@ impl ContextStore for MemoryStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    fn len_now(&self) -> Option<usize> {
+        Some(self.len_at(Instant::now()))
     }
 }
 
@@ -338,6 +412,30 @@ mod tests {
                 .count();
             assert_eq!(winners, 1);
         }
+    }
+
+    #[test]
+    fn a_full_store_refuses_new_keys_but_replaces_old_ones() {
+        let store = MemoryStore::with_max_entries(2);
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(10);
+        store.try_put_at(&key("+1"), ctx("a"), ttl, t0).unwrap();
+        store.try_put_at(&key("+2"), ctx("b"), ttl, t0).unwrap();
+        assert!(matches!(
+            store.try_put_at(&key("+3"), ctx("c"), ttl, t0),
+            Err(StoreError::Full { max: 2 })
+        ));
+        assert_eq!(store.get_at(&key("+3"), t0), None, "nothing stored");
+        // A key already held may be replaced.
+        store.try_put_at(&key("+1"), ctx("a2"), ttl, t0).unwrap();
+        assert_eq!(store.get_at(&key("+1"), t0), Some(ctx("a2")));
+        // Taken contexts make room at once.
+        assert!(store.take_at(&key("+2"), t0).is_some());
+        store.try_put_at(&key("+3"), ctx("c"), ttl, t0).unwrap();
+        // Expired ones are swept to make room (at most one sweep per second).
+        let later = t0 + Duration::from_secs(11);
+        store.try_put_at(&key("+4"), ctx("d"), ttl, later).unwrap();
+        assert_eq!(store.raw_len(), 1, "both expired entries were swept");
     }
 
     #[tokio::test]

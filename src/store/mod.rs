@@ -1,6 +1,6 @@
-//! Caller context storage: the [`ContextStore`] trait (async, so a Redis backend can
-//! follow), the embedded in-memory backend, and [`Contexts`], which adds the wait registry
-//! that wakes held calls the instant their context lands.
+//! Caller context storage: the [`ContextStore`] trait, the embedded in-memory backend, the
+//! Redis backend (several sidecars, one cache), and [`Contexts`], which adds the wait
+//! registry that wakes held calls the instant their context lands.
 //!
 //! # The wait registry
 //! A held call waits on a [`Watch`]: one `tokio::sync::oneshot` receiver, whose sender sits
@@ -9,8 +9,22 @@
 //! from that instant on whether or not anyone is polling it yet; that is what makes the
 //! INVITE/webhook race safe (see [`Contexts`]). A watch unregisters itself on drop, and a
 //! key's entry goes with its last waiter, so the registry holds only live waits.
+//!
+//! # Several nodes
+//! The registry is per process; a shared store ([`redis`]) tells the other nodes about a
+//! context it stored. [`ContextStore::announce`] is called after every store write that a
+//! held call may be waiting for, and [`ContextStore::subscribe`] yields a [`StoreEvent`]
+//! for every announcement, from any node. [`Contexts::spawn_subscriber`] runs one loop per
+//! process over that feed: for a key this node has held calls for, it claims the context
+//! from the store (taken when `consume`) and releases them. Because a node registers its
+//! watch before it reads the store, and the announcing node writes before it announces, a
+//! webhook on A racing an INVITE on B is seen by B's read or by B's subscriber, never by
+//! neither. When the feed was down (announcements lost), it says so with
+//! [`StoreEvent::Resynced`] once it is back, and every key with held calls is read again.
+//! The in-memory store announces nothing and has no feed.
 
 pub mod memory;
+pub mod redis;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -21,7 +35,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use serde_json::{Map, Value};
 
@@ -47,6 +62,9 @@ impl fmt::Display for CallerKey {
 pub enum StoreError {
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The memory backend holds `store.max_contexts` contexts: no room for a new key.
+    #[error("context store full ({max} contexts)")]
+    Full { max: usize },
 }
 
 /// A context cache with TTL. Implementations must be cheap to call from the SIP path.
@@ -83,6 +101,35 @@ pub trait ContextStore: Send + Sync + 'static {
     }
     /// Whether the store answers (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
+    /// The number of contexts when it is known without any IO (for the periodic stats
+    /// line, which must never wait on, or abandon half-way, a request to a remote store).
+    fn len_now(&self) -> Option<usize> {
+        None
+    }
+    /// Tells the other processes sharing this store that a context for `key` was just
+    /// stored, so a call they hold for it is released ([`StoreEvent::Published`]). Called
+    /// after the write, never before. The default does nothing: a store no other process
+    /// sees has nobody to tell.
+    async fn announce(&self, key: &CallerKey) -> Result<(), StoreError> {
+        let _ = key;
+        Ok(())
+    }
+    /// The feed of announcements from every process sharing the store (this one
+    /// included), for [`Contexts::spawn_subscriber`]. Each call starts a new feed; the
+    /// feed stops when the receiver is dropped. The default is `None`: nothing to hear.
+    fn subscribe(&self) -> Option<mpsc::Receiver<StoreEvent>> {
+        None
+    }
+}
+
+/// What a shared store's feed reports ([`ContextStore::subscribe`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreEvent {
+    /// Some process stored a context for this key.
+    Published(CallerKey),
+    /// The feed is (again) connected. Announcements made while it was not are lost, so
+    /// every key with held calls must be read from the store again.
+    Resynced,
 }
 
 /// What [`Contexts::claim`] found for an INVITE.
@@ -252,10 +299,16 @@ impl Contexts {
     }
 
     /// A webhook landed: release every call held for `key` at once (they all get `ctx`);
-    /// store it unless `consume` is on and a held call used it.
+    /// store it unless `consume` is on and a held call used it, and announce it to the
+    /// other processes sharing the store.
+    ///
+    /// A call that registered after the first release but read the store before the write
+    /// would otherwise wait in vain; so after writing, the registry is checked once more
+    /// and such a call gets the context from the store.
     ///
     /// # Errors
-    /// The store failed; nothing was stored (held calls may still have been released).
+    /// The store failed; the context may or may not be stored (held calls may still have
+    /// been released). A retry of the same webhook is safe: it replaces.
     pub async fn publish(&self, key: &CallerKey, ctx: Context) -> Result<Published, StoreError> {
         let shared = &self.shared;
         let released = shared.registry.release(key, &ctx);
@@ -266,9 +319,11 @@ impl Contexts {
             });
         }
         shared.store.put(key, ctx, shared.ttl).await?;
+        shared.store.announce(key).await?;
+        let late = shared.deliver_from_store(key).await?;
         Ok(Published {
-            released,
-            stored: true,
+            released: released + late,
+            stored: !(shared.consume && late > 0),
         })
     }
 
@@ -315,6 +370,54 @@ impl Contexts {
     pub fn waiting(&self) -> usize {
         self.shared.registry.lock().count
     }
+
+    /// Runs the one subscriber loop of this process over the store's feed (see the
+    /// module docs, "Several nodes"), until `shutdown` is cancelled or the feed ends.
+    /// `None` when the store has no feed (the in-memory store).
+    ///
+    /// Each event is handled on a task of its own, and only for keys this process holds
+    /// calls for, so a busy feed costs one registry look-up per announcement.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn spawn_subscriber(
+        &self,
+        shutdown: CancellationToken,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let mut feed = self.shared.store.subscribe()?;
+        let shared = Arc::clone(&self.shared);
+        Some(tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    event = feed.recv() => event,
+                };
+                let keys = match event {
+                    None => break,
+                    Some(StoreEvent::Published(key)) => vec![key],
+                    Some(StoreEvent::Resynced) => shared.registry.keys(),
+                };
+                for key in keys {
+                    if !shared.registry.has_waiters(&key) {
+                        continue;
+                    }
+                    let shared = Arc::clone(&shared);
+                    tokio::spawn(async move {
+                        match shared.deliver_from_store(&key).await {
+                            Ok(0) => {}
+                            Ok(released) => {
+                                tracing::debug!(%key, released, "held calls released by another node's webhook");
+                            }
+                            Err(error) => {
+                                // The calls keep waiting; their fallback timer still runs.
+                                tracing::warn!(%error, %key, "could not read a context another node announced");
+                            }
+                        }
+                    });
+                }
+            }
+        }))
+    }
 }
 
 /// What [`Contexts`] shares with its watches (a dropped watch may need to restore).
@@ -341,8 +444,33 @@ impl Shared {
         if self.consume && released > 0 {
             return Ok(());
         }
-        self.store.put_if_absent(key, ctx, self.ttl).await?;
+        if self.store.put_if_absent(key, ctx, self.ttl).await? {
+            self.store.announce(key).await?;
+        }
         Ok(())
+    }
+
+    /// For calls held here for `key`: read the store (take when `consume`) and release
+    /// them with what is there. Returns how many were released. A context taken for
+    /// calls that went away meanwhile is put back.
+    async fn deliver_from_store(&self, key: &CallerKey) -> Result<usize, StoreError> {
+        if !self.registry.has_waiters(key) {
+            return Ok(0);
+        }
+        let found = if self.consume {
+            self.store.take(key).await?
+        } else {
+            self.store.get(key).await?
+        };
+        let Some(ctx) = found else {
+            // Taken by another call (on any node), deleted or expired meanwhile.
+            return Ok(0);
+        };
+        let released = self.registry.release(key, &ctx);
+        if released == 0 && self.consume {
+            self.restore(key, ctx).await?;
+        }
+        Ok(released)
     }
 }
 
@@ -399,6 +527,15 @@ impl Registry {
             waiters.by_key.remove(key);
         }
         waiters.count = waiters.count.saturating_sub(removed);
+    }
+
+    fn has_waiters(&self, key: &CallerKey) -> bool {
+        self.lock().by_key.contains_key(key)
+    }
+
+    /// Every key with at least one waiter.
+    fn keys(&self) -> Vec<CallerKey> {
+        self.lock().by_key.keys().cloned().collect()
     }
 
     /// Hands `ctx` to every waiter for `key` and forgets them; how many received it.
@@ -785,6 +922,294 @@ mod tests {
             0,
             "nothing left over"
         );
+    }
+
+    /// A store whose writes stop at a gate, so a test can start a claim between
+    /// `publish`'s release and its write.
+    struct PutGatedStore {
+        inner: MemoryStore,
+        entered: Notify,
+        gate: Notify,
+    }
+
+    #[async_trait::async_trait]
+    impl ContextStore for PutGatedStore {
+        async fn put(
+            &self,
+            key: &CallerKey,
+            ctx: Context,
+            ttl: Duration,
+        ) -> Result<(), StoreError> {
+            self.entered.notify_one();
+            self.gate.notified().await;
+            self.inner.put(key, ctx, ttl).await
+        }
+        async fn get(&self, key: &CallerKey) -> Result<Option<Context>, StoreError> {
+            self.inner.get(key).await
+        }
+        async fn take(&self, key: &CallerKey) -> Result<Option<Context>, StoreError> {
+            self.inner.take(key).await
+        }
+        async fn delete(&self, key: &CallerKey) -> Result<bool, StoreError> {
+            self.inner.delete(key).await
+        }
+        async fn len(&self) -> Result<usize, StoreError> {
+            self.inner.len().await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_claim_between_the_release_and_the_write_is_released_after_the_write() {
+        for consume in [true, false] {
+            let store = Arc::new(PutGatedStore {
+                inner: MemoryStore::new(),
+                entered: Notify::new(),
+                gate: Notify::new(),
+            });
+            let contexts = Arc::new(Contexts::new(store.clone(), consume, TTL));
+            let publishing = {
+                let contexts = contexts.clone();
+                tokio::spawn(async move { contexts.publish(&key("+1"), ctx("Ada")).await })
+            };
+            // publish found nobody to release and is now writing.
+            store.entered.notified().await;
+            let watch = pending(contexts.claim(&key("+1")).await.unwrap());
+            store.gate.notify_one();
+            let published = publishing.await.unwrap().unwrap();
+            assert_eq!(
+                published,
+                Published {
+                    released: 1,
+                    stored: !consume
+                },
+                "consume = {consume}"
+            );
+            assert_eq!(watch.now_or_never(), Some(ctx("Ada")));
+            let left = store.inner.len_at(std::time::Instant::now());
+            assert_eq!(left, usize::from(!consume), "consume = {consume}");
+        }
+    }
+
+    /// Several nodes in one test: each its own [`Contexts`] over one shared memory store,
+    /// with `announce`/`subscribe` over a broadcast bus. A model of the Redis store.
+    struct BusStore {
+        inner: Arc<MemoryStore>,
+        bus: tokio::sync::broadcast::Sender<StoreEvent>,
+    }
+
+    #[async_trait::async_trait]
+    impl ContextStore for BusStore {
+        async fn put(
+            &self,
+            key: &CallerKey,
+            ctx: Context,
+            ttl: Duration,
+        ) -> Result<(), StoreError> {
+            self.inner.put(key, ctx, ttl).await
+        }
+        async fn put_if_absent(
+            &self,
+            key: &CallerKey,
+            ctx: Context,
+            ttl: Duration,
+        ) -> Result<bool, StoreError> {
+            self.inner.put_if_absent(key, ctx, ttl).await
+        }
+        async fn get(&self, key: &CallerKey) -> Result<Option<Context>, StoreError> {
+            self.inner.get(key).await
+        }
+        async fn take(&self, key: &CallerKey) -> Result<Option<Context>, StoreError> {
+            self.inner.take(key).await
+        }
+        async fn delete(&self, key: &CallerKey) -> Result<bool, StoreError> {
+            self.inner.delete(key).await
+        }
+        async fn len(&self) -> Result<usize, StoreError> {
+            self.inner.len().await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn announce(&self, key: &CallerKey) -> Result<(), StoreError> {
+            let _ = self.bus.send(StoreEvent::Published(key.clone()));
+            Ok(())
+        }
+        fn subscribe(&self) -> Option<mpsc::Receiver<StoreEvent>> {
+            let mut heard = self.bus.subscribe();
+            let (tx, rx) = mpsc::channel(64);
+            tokio::spawn(async move {
+                while let Ok(event) = heard.recv().await {
+                    if tx.send(event).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            Some(rx)
+        }
+    }
+
+    struct Cluster {
+        shared: Arc<MemoryStore>,
+        bus: tokio::sync::broadcast::Sender<StoreEvent>,
+        nodes: Vec<Contexts>,
+        shutdown: CancellationToken,
+    }
+
+    fn cluster(nodes: usize, consume: bool) -> Cluster {
+        let shared = Arc::new(MemoryStore::new());
+        let (bus, _) = tokio::sync::broadcast::channel(64);
+        let shutdown = CancellationToken::new();
+        let nodes = (0..nodes)
+            .map(|_| {
+                let store = Arc::new(BusStore {
+                    inner: shared.clone(),
+                    bus: bus.clone(),
+                });
+                let contexts = Contexts::new(store, consume, TTL);
+                contexts.spawn_subscriber(shutdown.clone()).unwrap();
+                contexts
+            })
+            .collect();
+        Cluster {
+            shared,
+            bus,
+            nodes,
+            shutdown,
+        }
+    }
+
+    const SOON: Duration = Duration::from_secs(2);
+
+    #[tokio::test]
+    async fn a_call_held_on_one_node_is_released_by_a_webhook_on_another() {
+        let cluster = cluster(2, true);
+        let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+        let watch = pending(b.claim(&key("+1")).await.unwrap());
+        let published = a.publish(&key("+1"), ctx("Ada")).await.unwrap();
+        assert_eq!(
+            published,
+            Published {
+                released: 0,
+                stored: true
+            },
+            "A holds no call: it stores and announces"
+        );
+        let got = tokio::time::timeout(SOON, watch)
+            .await
+            .expect("B's call released");
+        assert_eq!(got, ctx("Ada"));
+        assert_eq!(
+            cluster.shared.len().await.unwrap(),
+            0,
+            "B's call consumed it"
+        );
+        assert_eq!(b.waiting(), 0);
+        cluster.shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn without_consume_every_node_holding_calls_gets_it_and_it_stays() {
+        let cluster = cluster(3, false);
+        let mut watches = Vec::new();
+        for node in &cluster.nodes[1..] {
+            watches.push(pending(node.claim(&key("+1")).await.unwrap()));
+        }
+        cluster.nodes[0]
+            .publish(&key("+1"), ctx("Ada"))
+            .await
+            .unwrap();
+        for watch in watches {
+            assert_eq!(tokio::time::timeout(SOON, watch).await.unwrap(), ctx("Ada"));
+        }
+        assert_eq!(cluster.shared.len().await.unwrap(), 1);
+        cluster.shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_consumed_context_announced_to_two_nodes_goes_to_exactly_one() {
+        for _ in 0..20 {
+            let cluster = cluster(3, true);
+            let mut watches = Vec::new();
+            for node in &cluster.nodes[1..] {
+                watches.push(pending(node.claim(&key("+1")).await.unwrap()));
+            }
+            cluster.nodes[0]
+                .publish(&key("+1"), ctx("Ada"))
+                .await
+                .unwrap();
+            let deadline = tokio::time::Instant::now() + SOON;
+            let mut got = Vec::new();
+            while got.is_empty() {
+                assert!(tokio::time::Instant::now() < deadline, "nobody got it");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                got = watches
+                    .iter_mut()
+                    .filter_map(|watch| watch.now_or_never())
+                    .collect();
+            }
+            assert_eq!(got, [ctx("Ada")]);
+            // The loser's node found nothing left: nothing comes, nothing is put back.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let late: Vec<Context> = watches
+                .iter_mut()
+                .filter_map(|watch| watch.now_or_never())
+                .collect();
+            assert!(late.is_empty(), "{late:?}");
+            assert_eq!(cluster.shared.len().await.unwrap(), 0);
+            let still_waiting: usize = cluster.nodes.iter().map(Contexts::waiting).sum();
+            assert_eq!(
+                still_waiting, 1,
+                "the other call still waits (for its fallback)"
+            );
+            cluster.shutdown.cancel();
+        }
+    }
+
+    #[tokio::test]
+    async fn after_a_resync_held_calls_read_the_store_again() {
+        let cluster = cluster(2, true);
+        let b = &cluster.nodes[1];
+        let watch = pending(b.claim(&key("+1")).await.unwrap());
+        // Written while B's feed was down: no announcement reached B.
+        cluster
+            .shared
+            .put(&key("+1"), ctx("Ada"), TTL)
+            .await
+            .unwrap();
+        let _ = cluster.bus.send(StoreEvent::Resynced);
+        assert_eq!(tokio::time::timeout(SOON, watch).await.unwrap(), ctx("Ada"));
+        cluster.shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn an_announcement_for_a_key_nobody_holds_touches_nothing() {
+        let cluster = cluster(2, true);
+        cluster.nodes[0]
+            .publish(&key("+1"), ctx("Ada"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            cluster.shared.len().await.unwrap(),
+            1,
+            "left for the call that comes later"
+        );
+        assert_eq!(
+            hit(cluster.nodes[1].claim(&key("+1")).await.unwrap()),
+            ctx("Ada")
+        );
+        cluster.shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn the_memory_store_has_no_feed() {
+        let (_, contexts) = contexts(true);
+        assert!(contexts
+            .spawn_subscriber(CancellationToken::new())
+            .is_none());
     }
 
     /// A store that is down.

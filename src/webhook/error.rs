@@ -53,6 +53,15 @@ pub enum ApiError {
     /// The store failed. The message deliberately omits the cause (`#[source]`, logged).
     #[error("store unavailable")]
     StoreUnavailable(#[source] StoreError),
+    /// The memory store holds `store.max_contexts` contexts and this key is new.
+    #[error("context store full")]
+    StoreFull,
+    /// Over `http.rate_limit_per_sec` for this key.
+    #[error("too many requests for this API key")]
+    RateLimited { retry_after_secs: u64 },
+    /// The agent has a `webhook_secret` and the signature is missing or wrong.
+    #[error("{0}")]
+    BadSignature(&'static str),
 }
 
 impl ApiError {
@@ -64,9 +73,10 @@ impl ApiError {
             | ApiError::MissingField(_)
             | ApiError::NotAString(_)
             | ApiError::BadPath(_) => StatusCode::BAD_REQUEST,
-            ApiError::MissingKey | ApiError::InvalidKey | ApiError::KeyNotForAgent(_) => {
-                StatusCode::UNAUTHORIZED
-            }
+            ApiError::MissingKey
+            | ApiError::InvalidKey
+            | ApiError::KeyNotForAgent(_)
+            | ApiError::BadSignature(_) => StatusCode::UNAUTHORIZED,
             ApiError::UnknownAgent(_) | ApiError::NoContext { .. } | ApiError::NoRoute { .. } => {
                 StatusCode::NOT_FOUND
             }
@@ -74,14 +84,18 @@ impl ApiError {
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::BadNumber(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::StoreUnavailable(_) | ApiError::StoreFull => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 }
 
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
-        ApiError::StoreUnavailable(error)
+        match error {
+            StoreError::Full { .. } => ApiError::StoreFull,
+            other => ApiError::StoreUnavailable(other),
+        }
     }
 }
 
@@ -90,6 +104,15 @@ impl IntoResponse for ApiError {
         if let ApiError::StoreUnavailable(cause) = &self {
             tracing::warn!(error = %cause, "webhook request failed: store unavailable");
         }
+        if let ApiError::StoreFull = &self {
+            tracing::warn!("webhook refused: context store full (store.max_contexts)");
+        }
+        let retry_after = match &self {
+            ApiError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
+            // Expired contexts are swept every second: room may come back that soon.
+            ApiError::StoreFull => Some(1),
+            _ => None,
+        };
         let status = self.status();
         let mut response = (status, Json(json!({ "error": self.to_string() }))).into_response();
         if status == StatusCode::UNAUTHORIZED {
@@ -97,6 +120,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }

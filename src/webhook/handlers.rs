@@ -15,7 +15,7 @@ use serde_json::{json, Map, Value};
 
 use super::auth::{self, Authenticated};
 use super::error::ApiError;
-use super::AppState;
+use super::{signature, AppState};
 use crate::agent::Routing;
 use crate::config::{AgentConfig, RouteTarget};
 use crate::inject::{self, Status};
@@ -263,8 +263,23 @@ async fn validate_post<'a>(
         return Err(ApiError::UnsupportedMediaType);
     }
     let authenticated = auth::authenticate(&state.agents.config, headers)?;
+    state
+        .limiter
+        .check(auth::presented_key(headers).unwrap_or_default())?;
     let max = state.agents.config.http.max_body_bytes;
     let bytes = read_body(headers, body, max).await?;
+    let secret = authenticated
+        .agent_index()
+        .and_then(|i| state.agents.config.agents.get(i))
+        .and_then(|a| a.webhook_secret.as_ref());
+    if let Some(secret) = secret {
+        signature::verify(
+            secret.expose(),
+            headers.get(signature::HEADER).map(|v| v.as_bytes()),
+            &bytes,
+            signature::unix_now(),
+        )?;
+    }
     let payload = Payload::parse(&bytes)?;
     let agent = authorised_agent(state, &authenticated, &payload.agent_id)?;
     let number = normalise(&payload.phone_number, agent)?;
@@ -288,6 +303,9 @@ fn validate_path<'a>(
     let Path((agent_id, phone_number)) =
         path.map_err(|rejection| ApiError::BadPath(rejection.body_text()))?;
     let authenticated = auth::authenticate(&state.agents.config, headers)?;
+    state
+        .limiter
+        .check(auth::presented_key(headers).unwrap_or_default())?;
     let agent = authorised_agent(state, &authenticated, &agent_id)?;
     let number = normalise(&phone_number, agent)?;
     Ok((

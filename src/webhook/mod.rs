@@ -10,16 +10,21 @@
 //! 2. `401` no key (`missing API key`) or a key of no agent (`invalid API key`). Headers
 //!    only: a client without a valid key gets nothing more, not even whether the agent it
 //!    names exists, and we never read its body.
-//! 3. `413` body over `http.max_body_bytes` (a declared Content-Length is refused unread).
-//! 4. `400` body not JSON, not an object, `agentId` / `phoneNumber` missing or not a string.
-//! 5. `404` `agentId` names no agent; `401` the key is valid but belongs to another agent.
-//! 6. `422` `phoneNumber` does not parse as a phone number (the agent's `default_region`).
-//! 7. Only then the store: `202` (or `200` for `/test`, which stores nothing and answers
-//!    the route the agent's rules pick for the payload and the headers a call would get);
-//!    `503` `store unavailable` when the store fails, cause only logged.
+//! 3. `429` over `http.rate_limit_per_sec` for this key, with `Retry-After`.
+//! 4. `413` body over `http.max_body_bytes` (a declared Content-Length is refused unread).
+//! 5. `401` the key's agent has a `webhook_secret` and `X-Precall-Signature` is missing,
+//!    malformed, more than 300 s old or new, or does not match ([`signature`]). Checked on
+//!    the raw bytes before they are parsed.
+//! 6. `400` body not JSON, not an object, `agentId` / `phoneNumber` missing or not a string.
+//! 7. `404` `agentId` names no agent; `401` the key is valid but belongs to another agent.
+//! 8. `422` `phoneNumber` does not parse as a phone number (the agent's `default_region`).
+//! 9. Only then the store: `202` (or `200` for `/test`, which stores nothing and answers
+//!    the route the agent's rules pick for the payload and the headers a call would get); `503` `store unavailable` when the store fails, cause only logged;
+//!    `503` `context store full` (with `Retry-After`) when `store.max_contexts` is reached
+//!    and the key is new.
 //!
 //! `GET` and `DELETE /v1/precall/{agentId}/{phoneNumber}`: `400` undecodable path, `401`
-//! key, `404`/`401` agent, `422` number, then the store. The number in the path is
+//! key, `429` rate, `404`/`401` agent, `422` number, then the store. The number in the path is
 //! normalised like the body's; encode `+` as `%2B` or leave it literal (a `+` in a path is
 //! a plus, not a space). `GET` answers `404` when nothing is cached; `DELETE` answers `204`
 //! whether or not something was, so a retry sees the same result.
@@ -33,6 +38,10 @@ mod auth;
 mod error;
 mod handlers;
 mod observe;
+pub mod ratelimit;
+#[cfg(test)]
+mod security_tests;
+pub mod signature;
 #[cfg(test)]
 mod tests;
 pub mod ui;
@@ -57,6 +66,8 @@ pub struct AppState {
     pub contexts: Arc<Contexts>,
     /// Set once every SIP listener is bound.
     pub sip_ready: Arc<AtomicBool>,
+    /// `http.rate_limit_per_sec` per API key.
+    pub limiter: Arc<ratelimit::KeyLimiter>,
     /// Metrics and the status page's view of the SIP side.
     pub ops: Ops,
 }

@@ -49,6 +49,7 @@ fn agent(id: &str, keys: &[&str], region: phonenumber::country::Id) -> AgentConf
         defaults,
         inject: InjectConfig::default(),
         caller_sources: vec![CallerSource::Pai, CallerSource::From],
+        webhook_secret: None,
     }
 }
 
@@ -69,12 +70,14 @@ fn config() -> Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             max_body_bytes: MAX_BODY,
             client_concurrency: 256,
+            rate_limit: None,
             ..HttpConfig::default()
         },
         store: StoreConfig {
             backend: StoreBackend::Memory,
             ttl: Duration::from_secs(300),
             consume: true,
+            max_contexts: 1_000_000,
         },
         agents: vec![
             agent(
@@ -108,11 +111,13 @@ impl Harness {
         config: Config,
     ) -> Harness {
         let contexts = Contexts::new(backend, config.store.consume, config.store.ttl);
+        let limiter = crate::webhook::ratelimit::KeyLimiter::new(config.http.rate_limit);
         let state = AppState {
             agents: Arc::new(Agents::new(Arc::new(config))),
             contexts: Arc::new(contexts),
             sip_ready: Arc::new(AtomicBool::new(true)),
             ops: crate::webhook::Ops::default(),
+            limiter: Arc::new(limiter),
         };
         Harness { state, store }
     }

@@ -80,3 +80,21 @@ fn check_accepts_a_good_config() {
         "check prints the agent's numbers:\n{out}"
     );
 }
+
+#[test]
+fn every_bundled_config_passes_check() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut files = vec![format!("{root}/config/precall.toml")];
+    for entry in std::fs::read_dir(format!("{root}/config/examples")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            files.push(path.to_string_lossy().into_owned());
+        }
+    }
+    assert!(files.len() >= 2, "the examples are there: {files:?}");
+    for file in &files {
+        let (status, out) = run_to_exit(&["check", "-c", file], Duration::from_secs(20));
+        assert!(status.success(), "{file} does not pass check:\n{out}");
+        assert!(out.contains("agent "), "{file}: prints the agents:\n{out}");
+    }
+}

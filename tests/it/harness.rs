@@ -167,6 +167,9 @@ pub struct Config {
     pub sip_extra: String,
     /// Raw TOML lines added to `[http]` (`admin_password = "..."`).
     pub http_extra: String,
+    /// `[store]` lines replacing `backend = "memory"` and `ttl_secs = 300` (the Redis
+    /// tests set backend, url, ttl and timeout here); `consume` is still added.
+    pub store: Option<String>,
 }
 
 impl Config {
@@ -180,6 +183,7 @@ impl Config {
             extra_listen: Vec::new(),
             sip_extra: String::new(),
             http_extra: String::new(),
+            store: None,
         }
     }
 
@@ -209,12 +213,11 @@ impl Config {
             self.max_body_bytes, self.http_extra
         )
         .unwrap();
-        writeln!(
-            s,
-            "[store]\nbackend = \"memory\"\nttl_secs = 300\nconsume = {}\n",
-            self.consume
-        )
-        .unwrap();
+        let store = self
+            .store
+            .as_deref()
+            .unwrap_or("backend = \"memory\"\nttl_secs = 300");
+        writeln!(s, "[store]\n{store}\nconsume = {}\n", self.consume).unwrap();
         for a in &self.agents {
             let numbers: Vec<String> = a.numbers.iter().map(|n| format!("\"{n}\"")).collect();
             // `upstream_toml` marks a raw TOML value with a leading NUL
@@ -415,10 +418,25 @@ pub struct Precall {
 impl Precall {
     /// Writes `config`, starts the binary, waits for the three "listening" lines.
     pub fn start(name: &str, config: &Config) -> Precall {
+        Precall::start_with(name, config, &config.to_toml(), &[])
+    }
+
+    /// Like [`Precall::start`], with `toml` as the config file (for keys [`Config`] does
+    /// not model; `config` still describes the agents) and the binary started through
+    /// `wrapper` when not empty (e.g. `["prlimit", "--nofile=64:64", "--"]`).
+    pub fn start_with(name: &str, config: &Config, toml: &str, wrapper: &[&str]) -> Precall {
         let dir = TempDir::new(name);
         let path = dir.join("precall.toml");
-        std::fs::write(&path, config.to_toml()).unwrap();
-        let mut child = Command::new(precall_bin())
+        std::fs::write(&path, toml).unwrap();
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(precall_bin());
+                c
+            }
+            None => Command::new(precall_bin()),
+        };
+        let mut child = command
             .arg("run")
             .arg("-c")
             .arg(&path)

@@ -13,9 +13,11 @@
 //! - [`sipp`]: SIPp scenarios from `sipp-scenarios/` as child processes.
 //! - [`rig`]: precall + agent + caller in one, and readers for `X-Precall-*` headers.
 //! - [`selftest`]: the tools checked against each other, no precall involved.
-//! - the rest: the behaviours of issue 2, one module per area.
+//! - the rest: the behaviours of issue 2, one module per area; [`redis`]: issue 4, two
+//!   nodes sharing a redis-server.
 
 mod harness;
+mod raw;
 mod rig;
 mod sipmsg;
 mod sipp;
@@ -23,13 +25,17 @@ mod uas;
 
 mod calls;
 mod cli;
+mod hostile;
 mod load;
 mod operate;
 mod ops;
+mod redis;
 mod robustness;
 mod routing;
 mod rules;
 mod selftest;
 mod sipp_flows;
+mod soak;
 mod tcp;
+mod torture;
 mod webhook;

@@ -39,6 +39,7 @@ fn agent(id: &str, number: &str, upstream: &str, transport: Transport) -> AgentC
             .clone(),
         inject: InjectConfig::default(),
         caller_sources: vec![CallerSource::Pai, CallerSource::From],
+        webhook_secret: None,
     }
 }
 
@@ -68,12 +69,14 @@ fn config() -> Config {
             listen: "127.0.0.1:8080".parse().unwrap(),
             max_body_bytes: 16384,
             client_concurrency: 256,
+            rate_limit: None,
             ..HttpConfig::default()
         },
         store: StoreConfig {
             backend: StoreBackend::Memory,
             ttl: Duration::from_secs(300),
             consume: true,
+            max_contexts: 1_000_000,
         },
         agents: vec![
             agent(
