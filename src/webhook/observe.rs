@@ -1,5 +1,8 @@
 //! `GET /metrics` and the webhook counter (`precall_webhooks_total{agent,code}`).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
@@ -33,7 +36,7 @@ pub async fn count_webhook(
 }
 
 /// `GET /metrics`: the Prometheus text exposition. The context gauge is read from the
-/// store at scrape time (one `len`, not per request).
+/// store at scrape time (one count, not per request).
 pub async fn metrics_text(State(state): State<AppState>) -> Response {
     let Some(handle) = &state.ops.metrics else {
         return (
@@ -42,10 +45,7 @@ pub async fn metrics_text(State(state): State<AppState>) -> Response {
         )
             .into_response();
     };
-    match state.contexts.store.len().await {
-        Ok(n) => metrics::gauge!(observe::CONTEXTS).set(n as f64),
-        Err(error) => tracing::debug!(%error, "context count unavailable for /metrics"),
-    }
+    refresh_contexts_gauge(&state).await;
     (
         [(
             header::CONTENT_TYPE,
@@ -54,4 +54,30 @@ pub async fn metrics_text(State(state): State<AppState>) -> Response {
         handle.render(),
     )
         .into_response()
+}
+
+/// Sets `precall_contexts`. A count known without IO (the memory store) is read at once.
+/// A remote count (a Redis SCAN) runs on a task of its own, one at a time: a scrape that
+/// is abandoned half-way (its client timed out) must not abandon a store request with it
+/// (that breaks the Redis connection), and overlapping scrapes must not stack SCANs.
+/// While a count runs, other scrapes show the last value.
+async fn refresh_contexts_gauge(state: &AppState) {
+    if let Some(n) = state.contexts.store.len_now() {
+        metrics::gauge!(observe::CONTEXTS).set(n as f64);
+        return;
+    }
+    static COUNTING: AtomicBool = AtomicBool::new(false);
+    if COUNTING.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let store = Arc::clone(&state.contexts.store);
+    let count = tokio::spawn(async move {
+        let counted = store.len().await;
+        COUNTING.store(false, Ordering::Release);
+        match counted {
+            Ok(n) => metrics::gauge!(observe::CONTEXTS).set(n as f64),
+            Err(error) => tracing::debug!(%error, "context count unavailable for /metrics"),
+        }
+    });
+    let _ = count.await;
 }
