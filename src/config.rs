@@ -922,9 +922,10 @@ fn toml_problem(text: &str, error: &toml::de::Error) -> String {
         .and_then(|rest| rest.lines().next())
         .unwrap_or("")
         .trim();
-    // The line is quoted to show the key, unless it may hold a secret: this text reaches
+    // The line is quoted to show the key, unless it may hold a secret (an API key, the
+    // admin password, a webhook secret, a Redis URL with its password): this text reaches
     // `precall check` output and the log of a refused reload.
-    let secret = ["api_key", "password"]
+    let secret = ["api_key", "password", "secret", "url", "redis"]
         .iter()
         .any(|k| line_text.to_ascii_lowercase().contains(k));
     if secret {
@@ -2040,6 +2041,12 @@ upstream = "sip:127.0.0.1:5070"
         assert!(!got[0].contains("s3cr3t"), "{got:?}");
         let got = problems("[http]\nadmin_password = \"pw-123456789\" x\n");
         assert!(!got[0].contains("pw-123456789"), "{got:?}");
+        let got = problems("[[agents]]\nid = \"a\"\nwebhook_secret = \"whsec-42\" x\n");
+        assert!(!got[0].contains("whsec-42"), "{got:?}");
+        let got = problems("[store]\nurl = \"redis://:hunter2@10.0.0.1\" x\n");
+        assert!(!got[0].contains("hunter2"), "{got:?}");
+        let got = problems("[store]\ncluster = [\"redis://:hunter2@10.0.0.1\" \"x\"]\n");
+        assert!(!got[0].contains("hunter2"), "{got:?}");
     }
 
     #[test]
