@@ -279,6 +279,103 @@ fn calls_log_in_a_span_and_never_log_keys_or_context_values() {
     }
 }
 
+#[test]
+fn metrics_count_routes_lookups_failovers_and_rate_limited_webhooks() {
+    // Caller 1 has a context that a rule routes to the verification UAS. Caller 2 has
+    // none: the pull look-up answers 404 (a miss), the call falls back, the first upstream
+    // answers 503 and the call fails over to the second. A second webhook inside the
+    // burst of 1 is refused with 429.
+    let verify = Uas::udp(Answer::Ring200);
+    let first = Uas::udp(Answer::Reject(503));
+    let second = Uas::udp(Answer::Ring200);
+    let stub = crate::rules::HttpStub::start(404, r#"{"error":"unknown"}"#, Duration::ZERO);
+    let routes = format!(
+        "lookup_url = \"{}\"\nlookup_timeout_ms = 1000\n\n[[agents.routes]]\nname = \"gold\"\n\
+         when = \"tier == 'gold'\"\nupstream = \"{}\"\n",
+        stub.url("/lookup"),
+        verify.uri()
+    );
+    let mut cfg = Config::new(vec![Agent::new("a", AGENT_A, "")
+        .upstream_toml(&format!("[\"{}\", \"{}\"]", first.uri(), second.uri()))
+        .fallback_ms(300)
+        .defaults(r#"tier = "none""#)
+        .extra(&routes)]);
+    cfg.http_extra = "rate_limit_per_sec = 1\nrate_limit_burst = 1".to_string();
+    let p = Precall::start("metrics-routes", &cfg);
+    let uac = crate::uas::Uac::udp(p.udp);
+
+    assert_eq!(
+        p.post_context("a", "+14155550601", json!({"tier": "gold"}))
+            .status,
+        202
+    );
+    assert_eq!(
+        p.post_context("a", "+14155550699", json!({"tier": "gold"}))
+            .status,
+        429
+    );
+
+    let routed = uac.call("+14155550601", AGENT_A);
+    uac.send(&routed.invite());
+    let inv = verify.expect_invite(SOON).msg;
+    assert_eq!(status_of(&inv), "hit");
+    complete_call(&uac, &verify, &routed);
+
+    let failed_over = uac.call("+14155550602", AGENT_A);
+    uac.send(&failed_over.invite());
+    stub.recv(SOON).expect("the look-up was asked");
+    assert_eq!(status_of(&first.expect_invite(SOON).msg), "fallback");
+    second.expect_invite(SOON);
+    complete_call(&uac, &second, &failed_over);
+    for call in [&routed, &failed_over] {
+        p.wait_call_line(&call.call_id, SOON)
+            .expect("the call was logged");
+    }
+
+    let m = scrape(&p);
+    let calls = |status: &str| {
+        metric(
+            &m,
+            &format!(r#"precall_calls_total{{agent="a",status="{status}",outcome="answered"}}"#),
+        )
+    };
+    assert_eq!(calls("hit"), 1.0);
+    assert_eq!(calls("fallback"), 1.0);
+    assert_eq!(
+        metric(&m, r#"precall_route_matches_total{agent="a",route="gold"}"#),
+        1.0
+    );
+    assert_eq!(metric(&m, r#"precall_lookup_misses_total{agent="a"}"#), 1.0);
+    assert_eq!(metric(&m, r#"precall_failovers_total{agent="a"}"#), 1.0);
+    assert_eq!(
+        metric(
+            &m,
+            r#"precall_upstream_responses_total{agent="a",code="503"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"precall_upstream_responses_total{agent="a",code="200"}"#
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(&m, r#"precall_webhooks_total{agent="a",code="202"}"#),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, r#"precall_webhooks_total{agent="a",code="429"}"#),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, r#"precall_hold_wait_seconds_count{agent="a"}"#),
+        2.0
+    );
+    assert_eq!(metric(&m, "precall_held_calls"), 0.0);
+}
+
 // ---------------------------------------------------------------------------------------
 // TLS.
 
@@ -579,6 +676,164 @@ fn tls_upstream_with_an_unknown_certificate_is_refused() {
             .wait_for(SOON, |l| l.contains("connect failed") && l.contains("TLS"))
             .is_some(),
         "the verification failure is logged"
+    );
+}
+
+/// Reads from `s` until a blank line ends a message head, EOF, or `within`.
+async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S, within: Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 2048];
+    let _ = tokio::time::timeout(within, async {
+        while !out.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether the other end closes `s` (EOF or an error) within `within`.
+async fn closed_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(within, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[test]
+fn tls_connections_share_the_tcp_cap_idle_timeout_and_framing() {
+    use tokio::io::AsyncWriteExt;
+    let dir = TempDir::new("tls-limits");
+    let pki = TestPki::new(dir.path());
+    let uas = Uas::udp(Answer::Ring200);
+    let mut cfg = Config::new(vec![Agent::new("a", AGENT_A, &uas.uri())]);
+    cfg.extra_listen.push("tls:127.0.0.1:0".to_string());
+    cfg.sip_extra = format!(
+        "tls_cert = {:?}\ntls_key = {:?}\nmax_tcp_connections = 2\ntcp_idle_secs = 1\n\
+         stats_secs = 1",
+        pki.cert, pki.key
+    );
+    let precall = Precall::start("tls-limits", &cfg);
+    let addr = precall.listening("SIP/TLS");
+    let client = pki.client_config();
+    let options = |call_id: &str, content_length: &str| {
+        format!(
+            "OPTIONS sip:{addr} SIP/2.0\r\nVia: SIP/2.0/TLS 127.0.0.1:9;branch=z9hG4bK{call_id};rport\r\n\
+             Max-Forwards: 70\r\nFrom: <sip:probe@127.0.0.1>;tag=t{call_id}\r\nTo: <sip:{addr}>\r\n\
+             Call-ID: {call_id}@tls.test\r\nCSeq: 1 OPTIONS\r\nContent-Length: {content_length}\r\n\r\n"
+        )
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let connect = || {
+            let connector = tokio_rustls::TlsConnector::from(Arc::clone(&client));
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+                connector.connect(name, tcp).await
+            }
+        };
+        // A whole message over TLS is framed and answered like over TCP.
+        let mut talker = connect().await.expect("TLS handshake");
+        talker
+            .write_all(options("framed", "0").as_bytes())
+            .await
+            .unwrap();
+        let head = read_head(&mut talker, SOON).await;
+        assert!(head.starts_with("SIP/2.0 200"), "{head}");
+        let talked_at = std::time::Instant::now();
+        // A client that never starts its handshake holds the second place.
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let silent_at = std::time::Instant::now();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Two are open: a third is closed at once, mid-handshake.
+        let third = tokio::time::timeout(SOON, connect()).await;
+        assert!(
+            matches!(third, Ok(Err(_))),
+            "a third TLS connection must be refused, got {:?}",
+            third.map(|r| r.map(|_| "a session"))
+        );
+        assert!(
+            !closed_within(&mut talker, Duration::from_millis(100)).await,
+            "the first stays open while it is not idle"
+        );
+        // Both are closed after about tcp_idle_secs without a message.
+        assert!(
+            closed_within(&mut silent, Duration::from_secs(4)).await,
+            "a TLS client silent before its handshake is closed"
+        );
+        let silent_for = silent_at.elapsed();
+        assert!(
+            silent_for >= Duration::from_millis(800),
+            "closed after {silent_for:?}, want about tcp_idle_secs"
+        );
+        assert!(
+            closed_within(&mut talker, Duration::from_secs(4)).await,
+            "an idle TLS connection is closed"
+        );
+        let idle_for = talked_at.elapsed();
+        assert!(
+            idle_for >= Duration::from_millis(800),
+            "closed after {idle_for:?} idle, want about tcp_idle_secs"
+        );
+        // Their places are free again. Bytes that cannot be framed get a 400, then the
+        // connection is closed.
+        let mut broken = connect().await.expect("a place is free again");
+        broken
+            .write_all(options("unframeable", "-1").as_bytes())
+            .await
+            .unwrap();
+        let head = read_head(&mut broken, SOON).await;
+        assert!(head.starts_with("SIP/2.0 400"), "{head}");
+        assert!(head.contains("Call-ID: unframeable@tls.test"), "{head}");
+        assert!(
+            closed_within(&mut broken, SOON).await,
+            "closed after the 400"
+        );
+    });
+    let stats = |field: &str, at_least: u64| {
+        precall
+            .log
+            .wait_for(SOON, |l| {
+                l.contains(" stats ")
+                    && log_field(l, field)
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .is_some_and(|v| v >= at_least)
+            })
+            .unwrap_or_else(|| panic!("no stats line with {field} >= {at_least}"));
+    };
+    stats("tcp_refused", 1);
+    stats("tcp_idle_closed", 1);
+    stats("tcp_unframeable", 1);
+    let line = precall
+        .log
+        .wait_for(SOON, |l| {
+            l.contains(" stats ") && log_field(l, "tcp_inbound").as_deref() == Some("0")
+        })
+        .expect("every inbound slot is given back");
+    assert_eq!(log_field(&line, "tcp").as_deref(), Some("0"), "{line}");
+    let m = scrape(&precall);
+    assert!(metric(&m, "precall_sip_parse_errors_total") >= 1.0);
+    assert!(
+        metric(
+            &m,
+            r#"precall_sip_messages_total{direction="in",kind="OPTIONS"}"#
+        ) >= 2.0
     );
 }
 
