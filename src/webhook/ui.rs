@@ -5,7 +5,8 @@
 //!
 //! Off unless `http.admin_password` is set (its paths are then unknown: 404). Every path
 //! under `/ui/` asks for HTTP Basic credentials, user `admin`, compared in constant time.
-//! The page shows API keys (Copy API key), so it is as sensitive as the config: serve the
+//! The page shows API keys (Copy API key) and, in Copy cURL, the webhook secrets of signed
+//! agents, so it is as sensitive as the config: serve the
 //! webhook over HTTPS (`http.tls_cert`/`tls_key`) when the page is used beyond localhost.
 //!
 //! JSON under `/ui/api/`: `GET agents`, `GET calls` (`{held, calls}`, newest first) and
@@ -136,6 +137,12 @@ async fn agents(State(state): State<AppState>) -> Json<Value> {
                 "numbers": a.numbers,
                 "apiKey": key,
                 "maskedKey": mask(key),
+                // For Copy cURL: a signed agent's webhooks need X-Precall-Signature, so the
+                // snippet computes it, like `precall curl` (the page already holds keys).
+                "webhookSecret": a
+                    .webhook_secret
+                    .as_ref()
+                    .map(|s| String::from_utf8_lossy(s.expose()).into_owned()),
                 "fallbackWaitMs": u64::try_from(a.fallback_wait.as_millis()).unwrap_or(u64::MAX),
                 "upstreams": a.upstreams.iter().map(|u| u.uri.as_str()).collect::<Vec<_>>(),
                 "injectMode": a.inject.mode.as_str(),

@@ -55,10 +55,18 @@ function shellQuote(s) {
 
 function curlFor(agent, url) {
   const body = JSON.stringify({ agentId: agent.id, phoneNumber: "+14155550123", customer_name: "Ada" });
-  return ["curl -sS -X POST", shellQuote(url),
-          "-H", shellQuote("Authorization: Bearer " + agent.apiKey),
-          "-H", shellQuote("Content-Type: application/json"),
-          "-d", shellQuote(body)].join(" ");
+  const head = ["curl -sS -X POST", shellQuote(url),
+                "-H", shellQuote("Authorization: Bearer " + agent.apiKey),
+                "-H", shellQuote("Content-Type: application/json")];
+  if (!agent.webhookSecret) {
+    return head.concat(["-d", shellQuote(body)]).join(" ");
+  }
+  // A signed agent: the signature holds a timestamp, so the snippet computes it when it
+  // runs (the same snippet as `precall curl`).
+  return "body=" + shellQuote(body) + "; t=$(date +%s); " +
+    "sig=$(printf '%s.%s' \"$t\" \"$body\" | openssl dgst -sha256 -hmac " +
+    shellQuote(agent.webhookSecret) + " -r | cut -d' ' -f1); " +
+    head.concat(["-H", "\"X-Precall-Signature: t=$t,v1=$sig\"", "-d", "\"$body\""]).join(" ");
 }
 
 function formatWait(ms) {
