@@ -6,6 +6,7 @@
 # On a fresh Debian/Ubuntu machine it first installs what the tests need when missing:
 #   sipp          (package sip-tester)  the SIP traffic generator used as caller and agent
 #   redis-server  (package redis-server) for the Redis store backend tests
+#   chromium      (package chromium)     drives the status page /ui/ headless
 # Root installs directly; anyone else goes through sudo.
 set -euo pipefail
 
@@ -22,6 +23,7 @@ as_root() {
 missing=()
 command -v sipp >/dev/null 2>&1 || missing+=(sip-tester)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || missing+=(chromium)
 if [ "${#missing[@]}" -gt 0 ]; then
     if ! command -v apt-get >/dev/null 2>&1; then
         echo "scripts/test.sh: missing ${missing[*]} and no apt-get to install them; install them by hand" >&2

@@ -11,6 +11,11 @@
 //!   waits, routes, upstreams and injection change atomically for new calls and webhooks;
 //!   calls in flight keep the config they started with. Listen addresses and `[store]`
 //!   need a restart (logged when they differ).
+//!
+//! Observability: the Prometheus recorder is installed first (before anything counts),
+//! `/metrics` renders it, and the SIP core publishes held and finished calls to the
+//! status page (`/ui/`) through a shared [`CallLog`]. TLS certificates (`sip.tls_*`,
+//! `http.tls_*`) are read before any socket is bound, so a bad file stops the start.
 
 use std::io;
 use std::net::SocketAddr;
@@ -27,13 +32,14 @@ use tower::ServiceExt;
 use tracing::{error, info, warn};
 
 use crate::agent::Agents;
-use crate::config::{Config, StoreBackend};
+use crate::config::{Config, StoreBackend, Transport};
+use crate::metrics::CallLog;
 use crate::sip::proxy::{Listener, Proxy};
 use crate::sip::transport::{self, Control, Stop};
 use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
 use crate::store::{ContextStore, Contexts, StoreError};
-use crate::webhook::{self, AppState};
+use crate::webhook::{self, AppState, Ops};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -42,6 +48,11 @@ pub enum StartError {
         what: &'static str,
         addr: String,
         source: io::Error,
+    },
+    #[error("TLS for {what}: {source}")]
+    Tls {
+        what: &'static str,
+        source: crate::tls::TlsError,
     },
     /// The store could not be set up (a Redis URL the client cannot use). Redis being
     /// down is not this: the node starts, falls back, and reports not ready.
@@ -68,10 +79,53 @@ pub struct Signals {
 /// # Errors
 /// A socket could not be bound, or the store could not be set up.
 pub async fn run(config_path: PathBuf, config: Config, signals: Signals) -> Result<(), StartError> {
+    let metrics = crate::metrics::install();
     let config = Arc::new(config);
     let agents = Arc::new(Agents::new(Arc::clone(&config)));
     let background = CancellationToken::new();
     let _background_guard = background.clone().drop_guard();
+    if let Some(handle) = metrics.clone() {
+        // Histograms and idle series are maintained here, not on the scrape path.
+        let stop = background.child_token();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = every.tick() => handle.run_upkeep(),
+                }
+            }
+        });
+    }
+
+    let sip_tls = match (&config.sip.tls.cert, &config.sip.tls.key) {
+        (Some(cert), Some(key))
+            if config
+                .sip
+                .listen
+                .iter()
+                .any(|l| l.transport == Transport::Tls) =>
+        {
+            Some(
+                crate::tls::server_config(cert, key, &[]).map_err(|source| StartError::Tls {
+                    what: "SIP",
+                    source,
+                })?,
+            )
+        }
+        _ => None,
+    };
+    let http_tls = match &config.http.tls {
+        Some(tls) => Some(
+            crate::tls::server_config(&tls.cert, &tls.key, &[b"http/1.1"]).map_err(|source| {
+                StartError::Tls {
+                    what: "HTTP",
+                    source,
+                }
+            })?,
+        ),
+        None => None,
+    };
 
     let store: Arc<dyn ContextStore> = match &config.store.backend {
         StoreBackend::Memory => {
@@ -88,7 +142,7 @@ pub async fn run(config_path: PathBuf, config: Config, signals: Signals) -> Resu
     // One subscription per process (none for the memory store).
     let _subscriber = contexts.spawn_subscriber(background.child_token());
 
-    let sockets = transport::bind(&config.sip.listen)
+    let sockets = transport::bind_with_tls(&config.sip.listen, sip_tls)
         .await
         .map_err(|source| StartError::Bind {
             what: "SIP",
@@ -132,7 +186,16 @@ pub async fn run(config_path: PathBuf, config: Config, signals: Signals) -> Resu
     // Every socket is bound: the kernel queues SIP from here on, so readiness holds as
     // soon as anyone can ask for it.
     let sip_ready = Arc::new(AtomicBool::new(true));
-    info!("listening for HTTP on {http_addr}");
+    if http_tls.is_some() {
+        info!("listening for HTTPS on {http_addr}");
+    } else {
+        info!("listening for HTTP on {http_addr}");
+    }
+    let call_log = Arc::new(CallLog::new());
+    let ops = Ops {
+        metrics,
+        call_log: Arc::clone(&call_log),
+    };
 
     // The webhook router is rebuilt on reload; requests go to whichever is current.
     // One limiter for the process: a reload keeps its buckets (and `rate_limit`).
@@ -142,7 +205,9 @@ pub async fn run(config_path: PathBuf, config: Config, signals: Signals) -> Resu
         contexts: Arc::clone(&contexts),
         sip_ready: Arc::clone(&sip_ready),
         limiter: Arc::clone(&limiter),
+        ops: ops.clone(),
     };
+    let state_template = state.clone();
     let live = Arc::new(RwLock::new(webhook::router(state)));
     let served = Arc::clone(&live);
     let front = axum::Router::new().fallback(move |request: Request| {
@@ -156,32 +221,55 @@ pub async fn run(config_path: PathBuf, config: Config, signals: Signals) -> Resu
     });
     let http_stop = CancellationToken::new();
     let http_shutdown = http_stop.clone();
-    let http_task = tokio::spawn(async move {
-        let served = axum::serve(http, front)
-            .with_graceful_shutdown(http_shutdown.cancelled_owned())
-            .await;
-        if let Err(error) = served {
-            error!(%error, "HTTP server failed");
+    let http_task = match http_tls {
+        None => tokio::spawn(async move {
+            let served = axum::serve(http, front)
+                .with_graceful_shutdown(http_shutdown.cancelled_owned())
+                .await;
+            if let Err(error) = served {
+                error!(%error, "HTTP server failed");
+            }
+        }),
+        Some(tls) => {
+            let https = crate::tls::HttpsListener::new(http, tls, http_shutdown.child_token())
+                .map_err(|source| StartError::Bind {
+                    what: "HTTPS",
+                    addr: config.http.listen.to_string(),
+                    source,
+                })?;
+            tokio::spawn(async move {
+                let served = axum::serve(https, front)
+                    .with_graceful_shutdown(http_shutdown.cancelled_owned())
+                    .await;
+                if let Err(error) = served {
+                    error!(%error, "HTTPS server failed");
+                }
+            })
         }
-    });
+    };
 
+    {
+        // Draining: no new calls, so not ready (load balancers take the node out).
+        let drain = signals.drain.clone();
+        let ready = Arc::clone(&sip_ready);
+        tokio::spawn(async move {
+            drain.cancelled().await;
+            ready.store(false, std::sync::atomic::Ordering::Release);
+        });
+    }
     let (control_tx, control_rx) = mpsc::channel(4);
     tokio::spawn(reload_loop(
         config_path,
         Arc::clone(&config),
         signals.reload,
         live,
-        AppState {
-            agents: Arc::clone(&agents),
-            contexts: Arc::clone(&contexts),
-            sip_ready,
-            limiter,
-        },
+        state_template,
         control_tx,
     ));
 
     let seed = random_seed();
-    let proxy = Proxy::new(Arc::clone(&agents), listeners.clone(), seed);
+    let mut proxy = Proxy::new(Arc::clone(&agents), listeners.clone(), seed);
+    proxy.set_call_log(call_log);
     info!(agents = config.agents.len(), "precall ready");
     transport::run(
         proxy,
@@ -211,7 +299,7 @@ async fn reload_loop(
     running: Arc<Config>,
     mut reload: mpsc::Receiver<()>,
     live: Arc<RwLock<axum::Router>>,
-    base: AppState,
+    template: AppState,
     control: mpsc::Sender<Control>,
 ) {
     while reload.recv().await.is_some() {
@@ -225,6 +313,12 @@ async fn reload_loop(
         if config.sip.listen != running.sip.listen || config.http.listen != running.http.listen {
             warn!("listen addresses changed: restart precall to apply them");
         }
+        if config.sip.tls.cert != running.sip.tls.cert
+            || config.sip.tls.key != running.sip.tls.key
+            || config.http.tls != running.http.tls
+        {
+            warn!("TLS certificate paths changed: restart precall to apply them");
+        }
         if config.store.backend != running.store.backend
             || config.store.ttl != running.store.ttl
             || config.store.consume != running.store.consume
@@ -234,7 +328,7 @@ async fn reload_loop(
         let agents = Arc::new(Agents::new(Arc::new(config)));
         let state = AppState {
             agents: Arc::clone(&agents),
-            ..base.clone()
+            ..template.clone()
         };
         if let Ok(mut router) = live.write() {
             *router = webhook::router(state);

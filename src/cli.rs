@@ -89,6 +89,13 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn check(path: &Path) -> anyhow::Result<()> {
     match Config::load(path) {
         Ok(config) => {
+            let tls_problems = crate::tls::check_files(&config);
+            if !tls_problems.is_empty() {
+                for problem in &tls_problems {
+                    eprintln!("{}: {problem}", path.display());
+                }
+                bail!("{}: TLS files unusable", path.display());
+            }
             print!("{}", describe(path, &config));
             Ok(())
         }
@@ -137,15 +144,23 @@ pub async fn send(path: &Path, agent: &str, phone: &str, fields: &[String]) -> a
     let agent = find_agent(&config, path, agent)?;
     let payload = payload(&agent.id, phone, fields)?;
     let key = first_key(agent)?;
-    let client = reqwest::Client::builder()
-        .timeout(SEND_TIMEOUT)
-        .build()
-        .context("cannot build an HTTP client")?;
+    let mut builder = reqwest::Client::builder().timeout(SEND_TIMEOUT);
+    if let Some(tls) = &config.http.tls {
+        // The sidecar's own certificate may be self-signed: trust it for this request.
+        let pem =
+            std::fs::read(&tls.cert).with_context(|| format!("reading {}", tls.cert.display()))?;
+        for cert in reqwest::Certificate::from_pem_bundle(&pem)
+            .with_context(|| format!("{}: not PEM certificates", tls.cert.display()))?
+        {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    let client = builder.build().context("cannot build an HTTP client")?;
     let mut out = String::new();
     let secret = agent.webhook_secret.as_ref().map(|s| s.expose());
     let result = exchange(
         &client,
-        &base_url(config.http.listen),
+        &webhook_base(&config),
         (key, secret),
         &payload,
         &mut out,
@@ -332,6 +347,15 @@ fn describe_inject(agent: &AgentConfig) -> String {
 
 /// `http://ADDR:PORT`, with an every-interface listen address (`0.0.0.0`, `[::]`)
 /// replaced by loopback, which is where a local client reaches it.
+/// [`base_url`], `https://` when the webhook is served over TLS.
+fn webhook_base(config: &Config) -> String {
+    let base = base_url(config.http.listen);
+    match &config.http.tls {
+        Some(_) => base.replacen("http://", "https://", 1),
+        None => base,
+    }
+}
+
 fn base_url(listen: SocketAddr) -> String {
     let ip = match listen.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -348,7 +372,7 @@ fn curl_command(config: &Config, agent: &AgentConfig, phone: &str) -> anyhow::Re
     body.insert("phoneNumber".into(), phone.into());
     body.insert("customer_name".into(), "Ada".into());
     let body = Value::Object(body).to_string();
-    let url = shell_quote(&format!("{}/v1/precall", base_url(config.http.listen)));
+    let url = shell_quote(&format!("{}/v1/precall", webhook_base(config)));
     let auth = shell_quote(&format!("Authorization: Bearer {}", first_key(agent)?));
     let json = shell_quote("Content-Type: application/json");
     let Some(secret) = &agent.webhook_secret else {

@@ -8,9 +8,9 @@
 //! first. A TOML syntax or type error stops the first step; it is reported with its line
 //! and column.
 //!
-//! Keys of later features (DESIGN.md "Keys of the later features") that a config may
-//! already carry are accepted and checked but not yet acted on: `tls:` listeners are errors
-//! that say so, because silently running without them would surprise.
+//! TLS keys (`sip.tls_cert`/`tls_key`/`tls_ca`, `http.tls_cert`/`tls_key`) are checked
+//! here for presence and pairing, and that the files exist; the PEM contents are read by
+//! `precall run` before any socket is bound (and by `precall check`).
 //!
 //! Routing rules (`[[agents.routes]]`) are compiled here (see [`crate::route`]), so a
 //! broken `when` fails the load, and `precall check`, naming the agent and the rule:
@@ -24,7 +24,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -50,6 +50,8 @@ pub struct Config {
 pub enum Transport {
     Udp,
     Tcp,
+    /// TCP with TLS (RFC 3261 §26.2; `tls:` listeners, `sips:` and `;transport=tls`).
+    Tls,
 }
 
 impl Transport {
@@ -58,6 +60,7 @@ impl Transport {
         match self {
             Transport::Udp => "UDP",
             Transport::Tcp => "TCP",
+            Transport::Tls => "TLS",
         }
     }
     /// As written in a URI `transport=` parameter.
@@ -65,7 +68,12 @@ impl Transport {
         match self {
             Transport::Udp => "udp",
             Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
         }
+    }
+    /// Whether messages are framed on a connection (TCP, TLS) rather than datagrams.
+    pub fn is_stream(self) -> bool {
+        matches!(self, Transport::Tcp | Transport::Tls)
     }
 }
 
@@ -102,8 +110,21 @@ pub struct SipConfig {
     pub max_message_bytes: usize,
     /// `drain_secs` (default 30): on SIGTERM, how long held calls may finish.
     pub drain: Duration,
+    /// `tls_cert`, `tls_key` (for `tls:` listeners) and `tls_ca` (for TLS upstreams).
+    pub tls: SipTls,
     /// Flood and hostile-peer limits (README "Limits").
     pub limits: SipLimits,
+}
+
+/// TLS settings of the SIP side.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SipTls {
+    /// PEM chain served on `tls:` listeners (required when there is one).
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    pub key: Option<PathBuf>,
+    /// PEM certificates trusted for TLS upstreams, besides the bundled Mozilla roots.
+    pub ca: Option<PathBuf>,
 }
 
 /// `[sip]` limits against floods, scanners and hostile peers (README "Limits").
@@ -148,6 +169,31 @@ impl Default for SipLimits {
     }
 }
 
+impl Default for SipConfig {
+    /// The defaults of an empty `[sip]` table, except `listen`, which is empty here.
+    fn default() -> Self {
+        SipConfig {
+            listen: Vec::new(),
+            trusted_peers: Vec::new(),
+            default_agent: None,
+            caller_sources: vec![CallerSource::Pai, CallerSource::From],
+            record_route: true,
+            t1: Duration::from_millis(500),
+            max_message_bytes: 65_535,
+            drain: Duration::from_secs(30),
+            tls: SipTls::default(),
+            limits: SipLimits::default(),
+        }
+    }
+}
+
+/// `http.tls_cert` and `http.tls_key`: both set, the webhook is served over HTTPS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 /// A token-bucket rate: `per_sec` on average, up to `burst` at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
@@ -180,6 +226,10 @@ pub struct HttpConfig {
     /// (`client_concurrency`, default 256); past it a call waits for a slot, bounded by
     /// its own timeout.
     pub client_concurrency: usize,
+    /// HTTPS when set.
+    pub tls: Option<HttpTls>,
+    /// `admin_password`: enables the status page `/ui/` (HTTP Basic, user `admin`).
+    pub admin_password: Option<String>,
     /// `rate_limit_per_sec` (100, 0 = off) and `rate_limit_burst` (twice the rate):
     /// webhook requests per API key; over it `429` with `Retry-After`.
     pub rate_limit: Option<Rate>,
@@ -191,6 +241,8 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_bytes: 16_384,
             client_concurrency: 256,
+            tls: None,
+            admin_password: None,
             rate_limit: Some(Rate {
                 per_sec: 100,
                 burst: 200,
@@ -466,6 +518,8 @@ impl Transport {
             Some(Transport::Udp)
         } else if name.eq_ignore_ascii_case("tcp") {
             Some(Transport::Tcp)
+        } else if name.eq_ignore_ascii_case("tls") {
+            Some(Transport::Tls)
         } else {
             None
         }
@@ -479,7 +533,8 @@ impl fmt::Display for Transport {
 }
 
 impl ListenAddr {
-    /// `udp:ADDR:PORT` or `tcp:ADDR:PORT`, ADDR an IP literal (`[::1]` for IPv6).
+    /// `udp:ADDR:PORT`, `tcp:ADDR:PORT` or `tls:ADDR:PORT`, ADDR an IP literal (`[::1]`
+    /// for IPv6).
     pub fn parse(text: &str) -> Option<ListenAddr> {
         let (scheme, addr) = text.split_once(':')?;
         Some(ListenAddr {
@@ -497,47 +552,63 @@ impl fmt::Display for ListenAddr {
 }
 
 impl Upstream {
-    /// Parses `sip:HOST[:PORT][;transport=udp|tcp]` (port default 5060, transport default
-    /// udp; an `lr` parameter is allowed and ignored). HOST is an IP literal (`[::1]` for
-    /// IPv6) or a name, resolved here, once, with the system resolver: the first address
-    /// wins.
+    /// Parses `sip:HOST[:PORT][;transport=udp|tcp|tls]` (transport default udp) or
+    /// `sips:HOST[:PORT]` (TLS); the port defaults to 5060, or 5061 for TLS (RFC 3261
+    /// §19.1.2). An `lr` parameter is allowed and ignored. HOST is an IP literal (`[::1]`
+    /// for IPv6) or a name, resolved here, once, with the system resolver: the first
+    /// address wins. For TLS the certificate is checked against HOST as written.
     ///
     /// # Errors
     /// A message saying what is wrong with `uri`, without the key.
     pub fn parse(uri: &str) -> Result<Upstream, String> {
-        let shape = || format!("{uri:?} is not sip:HOST[:PORT][;transport=udp|tcp]");
-        let rest = match uri.get(..4) {
-            Some(s) if s.eq_ignore_ascii_case("sip:") => uri.get(4..).unwrap_or(""),
+        let shape = || {
+            format!("{uri:?} is not sip:HOST[:PORT][;transport=udp|tcp|tls] or sips:HOST[:PORT]")
+        };
+        let (rest, secure) = match uri.get(..4) {
+            Some(s) if s.eq_ignore_ascii_case("sip:") => (uri.get(4..).unwrap_or(""), false),
             _ if uri
                 .get(..5)
                 .is_some_and(|s| s.eq_ignore_ascii_case("sips:")) =>
             {
-                return Err(format!(
-                    "{uri:?}: sips: upstreams are not supported by this build yet"
-                ));
+                (uri.get(5..).unwrap_or(""), true)
             }
             _ => return Err(shape()),
         };
         let mut parts = rest.split(';');
         let hostport = parts.next().unwrap_or("");
-        let mut transport = Transport::Udp;
+        let mut transport = if secure {
+            Transport::Tls
+        } else {
+            Transport::Udp
+        };
         for param in parts {
             let (name, value) = param.split_once('=').unwrap_or((param, ""));
             if name.eq_ignore_ascii_case("transport") {
-                transport = Transport::from_name(value)
-                    .ok_or_else(|| format!("{uri:?}: transport {value:?} is not udp or tcp"))?;
+                transport = Transport::from_name(value).ok_or_else(|| {
+                    format!("{uri:?}: transport {value:?} is not udp, tcp or tls")
+                })?;
             } else if !name.eq_ignore_ascii_case("lr") {
                 return Err(format!(
-                    "{uri:?}: unknown parameter {param:?} (only transport=udp|tcp)"
+                    "{uri:?}: unknown parameter {param:?} (only transport=udp|tcp|tls)"
                 ));
             }
+        }
+        if secure && transport != Transport::Tls {
+            return Err(format!(
+                "{uri:?}: a sips: URI is reached over TLS only (drop the transport parameter)"
+            ));
         }
         if hostport.contains('@') {
             return Err(format!(
                 "{uri:?}: an upstream is a host, without a user part"
             ));
         }
-        let (host, port) = split_host_port(hostport).ok_or_else(shape)?;
+        let default_port = if transport == Transport::Tls {
+            5061
+        } else {
+            5060
+        };
+        let (host, port) = split_host_port(hostport, default_port).ok_or_else(shape)?;
         let addr = match host.parse::<IpAddr>() {
             Ok(ip) => SocketAddr::new(ip, port),
             Err(_) => (host, port)
@@ -554,9 +625,25 @@ impl Upstream {
     }
 }
 
-/// `host`, `host:port`, `[v6]`, `[v6]:port` → (host, port), port default 5060; the host
-/// is an IPv6 literal inside brackets, else letters, digits, `.` and `-`.
-fn split_host_port(hostport: &str) -> Option<(&str, u16)> {
+impl Upstream {
+    /// The host as written in the URI (no brackets for IPv6): the name a TLS upstream's
+    /// certificate is checked against.
+    pub fn host(&self) -> &str {
+        let rest = self
+            .uri
+            .split_once(':')
+            .map_or(self.uri.as_str(), |(_, rest)| rest);
+        let hostport = rest.split(';').next().unwrap_or("");
+        match hostport.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(""),
+            None => hostport.split(':').next().unwrap_or(""),
+        }
+    }
+}
+
+/// `host`, `host:port`, `[v6]`, `[v6]:port` → (host, port), port default `default_port`;
+/// the host is an IPv6 literal inside brackets, else letters, digits, `.` and `-`.
+fn split_host_port(hostport: &str, default_port: u16) -> Option<(&str, u16)> {
     let (host, port) = if let Some(bracketed) = hostport.strip_prefix('[') {
         let (host, after) = bracketed.split_once(']')?;
         host.parse::<std::net::Ipv6Addr>().ok()?;
@@ -579,7 +666,7 @@ fn split_host_port(hostport: &str) -> Option<(&str, u16)> {
         return None;
     }
     let port = match port {
-        None => 5060,
+        None => default_port,
         Some(p) => p.parse::<u16>().ok().filter(|&p| p != 0)?,
     };
     Some((host, port))
@@ -646,8 +733,10 @@ struct RawSip {
     record_route: Option<bool>,
     t1_ms: Option<u64>,
     max_message_bytes: Option<u64>,
-    /// Later feature (graceful drain); accepted, not yet acted on.
     drain_secs: Option<u64>,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
+    tls_ca: Option<String>,
     allowed_peers: Option<Vec<String>>,
     max_tcp_connections: Option<u64>,
     tcp_idle_secs: Option<u64>,
@@ -664,6 +753,9 @@ struct RawHttp {
     listen: Option<String>,
     max_body_bytes: Option<u64>,
     client_concurrency: Option<u64>,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
+    admin_password: Option<String>,
     rate_limit_per_sec: Option<u64>,
     rate_limit_burst: Option<u64>,
 }
@@ -830,6 +922,17 @@ fn toml_problem(text: &str, error: &toml::de::Error) -> String {
         .and_then(|rest| rest.lines().next())
         .unwrap_or("")
         .trim();
+    // The line is quoted to show the key, unless it may hold a secret (an API key, the
+    // admin password, a webhook secret, a Redis URL with its password): this text reaches
+    // `precall check` output and the log of a refused reload.
+    let secret = ["api_key", "password", "secret", "url", "redis"]
+        .iter()
+        .any(|k| line_text.to_ascii_lowercase().contains(k));
+    if secret {
+        return format!(
+            "line {line_no}, column {column}: {message} (line not shown: it may hold a secret)"
+        );
+    }
     format!("line {line_no}, column {column}: {message} (`{line_text}`)")
 }
 
@@ -853,7 +956,7 @@ fn validate_sip(raw: RawSip, problems: &mut Problems) -> SipConfig {
             Some(addr) => listen.push(addr),
             None => problems.add(
                 format_args!("sip.listen[{i}]"),
-                format!("{text:?} is not udp:ADDR:PORT or tcp:ADDR:PORT"),
+                format!("{text:?} is not udp:ADDR:PORT, tcp:ADDR:PORT or tls:ADDR:PORT"),
             ),
         }
     }
@@ -907,6 +1010,20 @@ fn validate_sip(raw: RawSip, problems: &mut Problems) -> SipConfig {
         }
     }
 
+    let cert = pem_path("sip.tls_cert", raw.tls_cert, problems);
+    let key = pem_path("sip.tls_key", raw.tls_key, problems);
+    let ca = pem_path("sip.tls_ca", raw.tls_ca, problems);
+    let has_tls_listener = listen.iter().any(|l| l.transport == Transport::Tls);
+    match (&cert, &key) {
+        (Some(_), None) => problems.add("sip.tls_key", "missing (sip.tls_cert is set)"),
+        (None, Some(_)) => problems.add("sip.tls_cert", "missing (sip.tls_key is set)"),
+        (None, None) if has_tls_listener => problems.add(
+            "sip.tls_cert",
+            "missing: a tls: listener needs sip.tls_cert and sip.tls_key (PEM files)",
+        ),
+        _ => {}
+    }
+
     let limits = SipLimits {
         allowed_peers: nets(
             raw.allowed_peers.as_deref().unwrap_or_default(),
@@ -955,8 +1072,38 @@ fn validate_sip(raw: RawSip, problems: &mut Problems) -> SipConfig {
         t1: Duration::from_millis(t1_ms),
         max_message_bytes: usize::try_from(max_message_bytes).unwrap_or(65_535),
         drain: Duration::from_secs(drain_secs),
+        tls: SipTls { cert, key, ca },
         limits,
     }
+}
+
+/// A PEM file path key: non-empty, and the file exists (its contents are read later).
+fn pem_path(key: &str, raw: Option<String>, problems: &mut Problems) -> Option<PathBuf> {
+    let text = raw?;
+    if text.is_empty() {
+        problems.add(key, "empty; leave the key out instead");
+        return None;
+    }
+    let path = PathBuf::from(&text);
+    if !path.is_file() {
+        problems.add(key, format!("{text:?} is not a readable file"));
+    }
+    Some(path)
+}
+
+/// Shortest `http.admin_password`: the status page shows API keys.
+const ADMIN_PASSWORD_MIN: usize = 8;
+
+fn admin_password(raw: Option<String>, problems: &mut Problems) -> Option<String> {
+    let password = raw?;
+    if password.len() < ADMIN_PASSWORD_MIN || password.chars().any(|c| c.is_control()) {
+        problems.add(
+            "http.admin_password",
+            format!("must be at least {ADMIN_PASSWORD_MIN} characters, without control characters"),
+        );
+        return None;
+    }
+    Some(password)
 }
 
 /// IP addresses or networks (`10.0.0.0/8`), host bits cleared.
@@ -1036,10 +1183,26 @@ fn validate_http(raw: RawHttp, problems: &mut Problems) -> HttpConfig {
             in_range(client_concurrency, &CLIENT_CONCURRENCY),
         );
     }
+    let cert = pem_path("http.tls_cert", raw.tls_cert, problems);
+    let key = pem_path("http.tls_key", raw.tls_key, problems);
+    let tls = match (cert, key) {
+        (Some(cert), Some(key)) => Some(HttpTls { cert, key }),
+        (Some(_), None) => {
+            problems.add("http.tls_key", "missing (http.tls_cert is set)");
+            None
+        }
+        (None, Some(_)) => {
+            problems.add("http.tls_cert", "missing (http.tls_key is set)");
+            None
+        }
+        (None, None) => None,
+    };
     HttpConfig {
         listen,
         max_body_bytes: usize::try_from(max_body_bytes).unwrap_or(16_384),
         client_concurrency: usize::try_from(client_concurrency).unwrap_or(256),
+        tls,
+        admin_password: admin_password(raw.admin_password, problems),
         rate_limit: rate(
             (raw.rate_limit_per_sec, "http.rate_limit_per_sec", 100),
             (raw.rate_limit_burst, "http.rate_limit_burst"),
@@ -1871,10 +2034,73 @@ upstream = "sip:127.0.0.1:5070"
     }
 
     #[test]
+    fn syntax_errors_do_not_echo_lines_with_secrets() {
+        let got = problems("[[agents]]\nid = \"a\"\napi_keys = [\"s3cr3t-key\" \"x\"]\n");
+        assert!(got[0].starts_with("line 3"), "{got:?}");
+        assert!(got[0].contains("line not shown"), "{got:?}");
+        assert!(!got[0].contains("s3cr3t"), "{got:?}");
+        let got = problems("[http]\nadmin_password = \"pw-123456789\" x\n");
+        assert!(!got[0].contains("pw-123456789"), "{got:?}");
+        let got = problems("[[agents]]\nid = \"a\"\nwebhook_secret = \"whsec-42\" x\n");
+        assert!(!got[0].contains("whsec-42"), "{got:?}");
+        let got = problems("[store]\nurl = \"redis://:hunter2@10.0.0.1\" x\n");
+        assert!(!got[0].contains("hunter2"), "{got:?}");
+        let got = problems("[store]\ncluster = [\"redis://:hunter2@10.0.0.1\" \"x\"]\n");
+        assert!(!got[0].contains("hunter2"), "{got:?}");
+    }
+
+    #[test]
+    fn tls_and_admin_keys() {
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let with_sip = |keys: &str| {
+            format!("[sip]\nlisten = [\"udp:127.0.0.1:0\", \"tls:127.0.0.1:0\"]\n{keys}\n{MINIMAL}")
+        };
+        fails_with(
+            &with_sip(""),
+            "sip.tls_cert: missing: a tls: listener needs",
+        );
+        fails_with(
+            &with_sip(&format!("tls_cert = {file:?}")),
+            "sip.tls_key: missing (sip.tls_cert is set)",
+        );
+        fails_with(
+            &with_sip(&format!("tls_cert = {file:?}\ntls_key = \"/no/such.key\"")),
+            "sip.tls_key: \"/no/such.key\" is not a readable file",
+        );
+        let cfg = Config::from_toml_str(&with_sip(&format!(
+            "tls_cert = {file:?}\ntls_key = {file:?}\ntls_ca = {file:?}"
+        )))
+        .unwrap();
+        assert_eq!(cfg.sip.listen[1].transport, Transport::Tls);
+        assert_eq!(cfg.sip.tls.ca.as_deref(), Some(Path::new(file)));
+
+        let with_http = |keys: &str| format!("[http]\n{keys}\n{MINIMAL}");
+        fails_with(
+            &with_http(&format!("tls_key = {file:?}")),
+            "http.tls_cert: missing (http.tls_key is set)",
+        );
+        fails_with(
+            &with_http("admin_password = \"short\""),
+            "http.admin_password: must be at least 8 characters",
+        );
+        let cfg = Config::from_toml_str(&with_http(&format!(
+            "tls_cert = {file:?}\ntls_key = {file:?}\nadmin_password = \"long enough\""
+        )))
+        .unwrap();
+        assert!(cfg.http.tls.is_some());
+        assert_eq!(cfg.http.admin_password.as_deref(), Some("long enough"));
+        assert!(Config::from_toml_str(MINIMAL)
+            .unwrap()
+            .http
+            .admin_password
+            .is_none());
+    }
+
+    #[test]
     fn listen_problems_name_the_index() {
         fails_with(
             &format!("[sip]\nlisten = [\"udp:1.2.3.4:5060\", \"sctp:1.2.3.4:5060\"]\n{MINIMAL}"),
-            "sip.listen[1]: \"sctp:1.2.3.4:5060\" is not udp:ADDR:PORT or tcp:ADDR:PORT",
+            "sip.listen[1]: \"sctp:1.2.3.4:5060\" is not udp:ADDR:PORT, tcp:ADDR:PORT or tls:ADDR:PORT",
         );
         fails_with(
             &format!("[sip]\nlisten = [\"udp:localhost:5060\"]\n{MINIMAL}"),
@@ -2174,13 +2400,13 @@ upstream = "sip:127.0.0.1"
         assert_eq!(
             got,
             [
-                "sip.listen[0]: \"sctp:1.2.3.4:5060\" is not udp:ADDR:PORT or tcp:ADDR:PORT",
+                "sip.listen[0]: \"sctp:1.2.3.4:5060\" is not udp:ADDR:PORT, tcp:ADDR:PORT or tls:ADDR:PORT",
                 "store.ttl_secs: must be at least 1",
                 "sip.default_agent: no agent \"z\"",
                 "agents[1].id: duplicate \"a\"",
                 "agents[0].api_keys: at least one key",
                 "agents[0].numbers[0]: \"abc\" is not a phone number",
-                "agents[0].upstream: \"http://x\" is not sip:HOST[:PORT][;transport=udp|tcp]",
+                "agents[0].upstream: \"http://x\" is not sip:HOST[:PORT][;transport=udp|tcp|tls] or sips:HOST[:PORT]",
             ]
         );
         // ConfigError's Display is one problem per line, for `precall check`.
@@ -2204,6 +2430,16 @@ upstream = "sip:127.0.0.1"
         assert_eq!(ok("sip:[::1]:5080").addr, "[::1]:5080".parse().unwrap());
         assert_eq!(ok("sip:[::1]").addr, "[::1]:5060".parse().unwrap());
         assert!(ok("sip:localhost:5070").addr.ip().is_loopback());
+        let u = ok("sips:127.0.0.1");
+        assert_eq!(
+            (u.transport, u.addr),
+            (Transport::Tls, "127.0.0.1:5061".parse().unwrap())
+        );
+        let u = ok("sip:localhost;transport=TLS");
+        assert_eq!((u.transport, u.addr.port()), (Transport::Tls, 5061));
+        assert_eq!(u.host(), "localhost");
+        assert_eq!(ok("sips:[::1]:5071").host(), "::1");
+        assert_eq!(ok("sips:127.0.0.1:5071;transport=tls").addr.port(), 5071);
         for bad in [
             "127.0.0.1:5070",
             "sip:",
@@ -2217,7 +2453,8 @@ upstream = "sip:127.0.0.1"
             "sip:[nothost]:5060",
             "sip:host name",
             "sip:no-such-host.invalid",
-            "sips:127.0.0.1",
+            "sips:127.0.0.1;transport=tcp",
+            "sip:127.0.0.1;transport=tlsx",
         ] {
             assert!(Upstream::parse(bad).is_err(), "{bad:?}");
         }

@@ -24,6 +24,8 @@
 //! - [`store`]: the `ContextStore` trait, the in-memory and Redis backends, and the wait
 //!   registry (with the cross-node wake for Redis).
 //! - [`webhook`]: the axum HTTP API (`/v1/precall`, health).
+//! - [`metrics`]: Prometheus metric names and handles, the recent-calls log of the status page.
+//! - [`tls`]: rustls (ring) server and client configs from PEM files, the HTTPS listener.
 //! - [`app`]: wires config, store, SIP and HTTP together for `precall run`; drain and reload.
 //! - [`cli`]: clap commands `run`, `check`, `curl`, `send`, `reload`.
 
@@ -33,8 +35,10 @@ pub mod cli;
 pub mod config;
 pub mod inject;
 pub mod limits;
+pub mod metrics;
 pub mod number;
 pub mod route;
 pub mod sip;
 pub mod store;
+pub mod tls;
 pub mod webhook;

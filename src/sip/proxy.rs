@@ -27,11 +27,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::{Map, Value};
-use tracing::{debug, info, warn};
+use tracing::{debug, info, info_span, warn, Span};
 
 use crate::agent::{self, Agents};
 use crate::config::{AgentConfig, Transport, Upstream};
 use crate::inject::{self, Status};
+use crate::metrics::{self as observe, CallLog, CallRecord};
 use crate::number;
 use crate::route::RouteInput;
 use crate::store::{CallerKey, Context};
@@ -182,6 +183,8 @@ struct Call {
     cancel_wanted: bool,
     logged: bool,
     deadlines: [Option<Instant>; TIMERS],
+    /// `call{call_id, agent, caller}`: entered around everything done for this call.
+    span: Span,
 }
 
 /// The forwarding decision for a settled call: which agent's injection, which upstreams
@@ -276,6 +279,8 @@ pub struct Proxy {
     health: Health,
     /// SIGTERM: no new calls (`503` + `Retry-After`); everything in flight continues.
     draining: bool,
+    /// Held-call count and finished calls, for the status page.
+    call_log: Arc<CallLog>,
     guard: guard::Guard,
 }
 
@@ -352,7 +357,26 @@ impl Proxy {
             stats: Stats::default(),
             health,
             draining: false,
+            call_log: Arc::new(CallLog::new()),
         }
+    }
+
+    /// Shares the held-call count and the finished calls with the status page (`/ui/`).
+    /// Call before the first input.
+    pub fn set_call_log(&mut self, call_log: Arc<CallLog>) {
+        self.call_log = call_log;
+    }
+
+    /// The agent table new calls use (the shell reads TLS settings from its config).
+    pub fn agents(&self) -> &Arc<Agents> {
+        &self.agents
+    }
+
+    /// The span of call `id` (a no-op span when it is gone), to enter around its work.
+    fn call_span(&self, id: u64) -> Span {
+        self.calls
+            .get(&id)
+            .map_or_else(Span::none, |c| c.span.clone())
     }
 
     /// Call once when the shell starts: arms the first health-probe round.
@@ -511,6 +535,7 @@ impl Proxy {
     /// else dropped. Never answers a response.
     fn reject_unparseable(&mut self, from: Peer, bytes: &Bytes, error: &ParseError) {
         self.stats.parse_errors += 1;
+        observe::count_parse_error();
         let Some(s) = parse::salvage(bytes) else {
             self.stats.dropped += 1;
             debug!(peer = %from.addr, %error, "dropped unparseable message");
@@ -549,6 +574,7 @@ impl Proxy {
 
     /// The answer to [`Output::Lookup`]: the context for a held call.
     pub fn handle_context(&mut self, now: Instant, hold: HoldId, ctx: Context, how: Settled) {
+        let _span = self.call_span(hold).entered();
         let still_held = self.calls.get(&hold).is_some_and(|c| c.hold.is_some());
         if !still_held {
             // Fell back, was cancelled, or is gone: the context must not be lost.
@@ -569,6 +595,8 @@ impl Proxy {
     /// The look-up for a held call failed (store unreachable): forward at once with the
     /// agent's defaults rather than wait for a webhook that cannot be stored.
     pub fn handle_lookup_failed(&mut self, now: Instant, hold: HoldId, reason: &str) {
+        let _span = self.call_span(hold).entered();
+        metrics::counter!(observe::LOOKUP_FAILURES).increment(1);
         if self.calls.get(&hold).is_some_and(|c| c.hold.is_some()) {
             info!(hold, reason, "context look-up failed; falling back");
             self.settle(now, hold, Status::Fallback, None);
@@ -577,6 +605,11 @@ impl Proxy {
 
     /// The answer to an [`Output::Http`].
     pub fn handle_http_response(&mut self, now: Instant, purpose: HttpPurpose, answer: HttpAnswer) {
+        let _span = match purpose {
+            HttpPurpose::Deliver { call } => self.call_span(call),
+            HttpPurpose::Lookup { hold } => self.call_span(hold),
+        }
+        .entered();
         match purpose {
             HttpPurpose::Deliver { call } => {
                 if !self.calls.get(&call).is_some_and(|c| c.delivering) {
@@ -591,6 +624,8 @@ impl Proxy {
                 );
                 if !ok {
                     self.stats.delivery_failures += 1;
+                    metrics::counter!(observe::DELIVERY_FAILURES, "agent" => self.agent_label(call))
+                        .increment(1);
                     info!(call, answer = ?answer_summary(&answer), "context delivery failed; forwarding anyway");
                 }
                 self.finish_plan(now, call, !ok);
@@ -616,6 +651,8 @@ impl Proxy {
                     // 404/204, an error or a body that is not a JSON object: keep holding.
                     None => {
                         self.stats.lookup_misses += 1;
+                        metrics::counter!(observe::LOOKUP_MISSES, "agent" => self.agent_label(hold))
+                            .increment(1);
                         debug!(hold, answer = ?answer_summary(&answer), "look-up gave nothing");
                     }
                 }
@@ -639,6 +676,7 @@ impl Proxy {
             .map(|(id, _)| *id)
             .collect();
         for id in affected {
+            let _span = self.call_span(id).entered();
             if self.has_next_upstream(id) {
                 self.fail_over(now, id, "transport error");
             } else {
@@ -673,6 +711,7 @@ impl Proxy {
                     .and_then(|c| c.deadlines[timer_index(timer)])
                     .is_some_and(|d| d <= now);
                 if due {
+                    let _span = self.call_span(id).entered();
                     if let Some(call) = self.calls.get_mut(&id) {
                         call.deadlines[timer_index(timer)] = None;
                     }
@@ -765,6 +804,13 @@ impl Proxy {
         let id = self.next_id;
         self.next_id += 1;
         let to_tag = format!("{}-{id:x}", self.tag_prefix);
+        let span = info_span!(
+            "call",
+            call_id = %String::from_utf8_lossy(msg.call_id().unwrap_or_default()),
+            agent = %agent.id,
+            caller = caller.as_ref().map_or("-", |c| c.as_str()),
+        );
+        let _entered = span.clone().entered();
         let trying = self.build_response(&msg, &from, 100, "Trying", None);
         let mut call = Call {
             invite: msg,
@@ -792,12 +838,16 @@ impl Proxy {
             plan: None,
             delivering: false,
             deadlines: [None; TIMERS],
+            span,
         };
         self.out
             .push_back(Output::Transmit(call.reply_target(trying)));
         let fallback_wait = agent.fallback_wait;
         let hold_key = call.caller_key();
         call.hold = hold_key.clone();
+        if call.hold.is_some() {
+            self.call_log.hold_started();
+        }
         self.calls.insert(id, call);
         self.by_server.insert(key, id);
         match hold_key {
@@ -868,6 +918,7 @@ impl Proxy {
             self.respond(&msg, &from, 481, "Call/Transaction Does Not Exist", None);
             return;
         };
+        let _span = self.call_span(id).entered();
         let Some(call) = self.calls.get(&id) else {
             return;
         };
@@ -880,6 +931,7 @@ impl Proxy {
             return; // a final was already sent: the CANCEL has no effect (§9.2)
         }
         if call.hold.take().is_some() {
+            self.call_log.hold_ended();
             // Held: nothing was forwarded, so nothing to cancel upstream.
             call.deadlines[timer_index(Timer::Fallback)] = None;
             self.out.push_back(Output::CancelLookup { hold: id });
@@ -942,7 +994,7 @@ impl Proxy {
             Some((addr, transport, secure)) => Some((
                 addr,
                 transport.unwrap_or(if secure {
-                    Transport::Tcp
+                    Transport::Tls
                 } else {
                     Transport::Udp
                 }),
@@ -972,7 +1024,15 @@ impl Proxy {
                 msg.header(HeaderName::CSeq).unwrap_or_default(),
             ],
         );
-        let bytes = self.forwarded_bytes(&msg, &from, listener, &branch, popped, false, &[]);
+        let bytes = self.forwarded_bytes(
+            &msg,
+            &from,
+            (listener, transport),
+            &branch,
+            popped,
+            false,
+            &[],
+        );
         self.out.push_back(Output::Transmit(Transmit {
             transport,
             to,
@@ -1055,6 +1115,8 @@ impl Proxy {
         };
         let transport = if next.transport.eq_ignore_ascii_case("TCP") {
             Transport::Tcp
+        } else if next.transport.eq_ignore_ascii_case("TLS") {
+            Transport::Tls
         } else {
             Transport::Udp
         };
@@ -1072,6 +1134,13 @@ impl Proxy {
         let Some(code) = msg.status() else {
             return;
         };
+        let _span = self.call_span(id).entered();
+        metrics::counter!(
+            observe::UPSTREAM_RESPONSES,
+            "agent" => self.agent_label(id),
+            "code" => observe::code_label(code)
+        )
+        .increment(1);
         if msg.cseq().is_some_and(|c| c.method == Method::Cancel) {
             return; // the answer to our CANCEL: nothing to relay
         }
@@ -1268,6 +1337,7 @@ impl Proxy {
     fn remove_call(&mut self, id: u64) {
         if let Some(call) = self.calls.remove(&id) {
             if call.hold.is_some() {
+                self.call_log.hold_ended();
                 self.out.push_back(Output::CancelLookup { hold: id });
             }
             self.by_server.remove(&call.server_key);
@@ -1284,15 +1354,19 @@ impl Proxy {
         let Some(call) = self.calls.get_mut(&id) else {
             return;
         };
-        call.hold = None;
+        if call.hold.take().is_some() {
+            self.call_log.hold_ended();
+        }
         call.deadlines[timer_index(Timer::Fallback)] = None;
-        let wait_ms = u64::try_from(now.saturating_duration_since(call.arrived).as_millis())
-            .unwrap_or(u64::MAX);
+        let waited = now.saturating_duration_since(call.arrived);
+        let wait_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX);
         call.settled = Some((status, wait_ms));
         let agents = Arc::clone(&call.agents);
         let Some(agent) = agents.config.agents.get(call.agent) else {
             return;
         };
+        metrics::histogram!(observe::HOLD_WAIT, "agent" => agent.id.clone())
+            .record(waited.as_secs_f64());
         let mut context = inject::effective_context(&agent.defaults, ctx);
         let caller = call.caller.as_ref().map_or("", |c| c.as_str()).to_string();
         let called = call.called.clone();
@@ -1368,6 +1442,7 @@ impl Proxy {
         );
         for (rule, error) in &routing.errors {
             self.stats.route_errors += 1;
+            metrics::counter!(observe::ROUTE_ERRORS, "agent" => agent.id.clone()).increment(1);
             debug!(agent = %agent.id, rule, %error, "route expression failed; rule does not match");
         }
         let Some(decision) = routing.decision else {
@@ -1375,6 +1450,12 @@ impl Proxy {
         };
         let set = decision.route.set.clone();
         let label = decision.label.clone();
+        metrics::counter!(
+            observe::ROUTE_MATCHES,
+            "agent" => agent.id.clone(),
+            "route" => label.clone()
+        )
+        .increment(1);
         let target = agents.index_of(&decision.agent.id).unwrap_or(agent_index);
         let upstreams = decision.upstreams.to_vec();
         inject::apply_set(context, &set);
@@ -1470,7 +1551,7 @@ impl Proxy {
         let bytes = self.forwarded_bytes(
             &call.invite,
             &call.source,
-            listener,
+            (listener, upstream.transport),
             &branch,
             popped,
             self.record_route,
@@ -1526,6 +1607,7 @@ impl Proxy {
             call.deadlines[timer_index(t)] = None;
         }
         self.stats.failovers += 1;
+        metrics::counter!(observe::FAILOVERS, "agent" => self.agent_label(id)).increment(1);
         self.try_next_upstream(now, id);
     }
 
@@ -1557,13 +1639,15 @@ impl Proxy {
     /// The §16.6 edits: our Via on top, `received`/`rport` on the sender's Via,
     /// Max-Forwards − 1, `popped` leading Route elements removed, Record-Route (double when
     /// the two sides use different listeners, RFC 5658), and `inject` lines at the end of
-    /// the header section. Everything else is copied byte for byte.
+    /// the header section. Everything else is copied byte for byte. `out` is the listener
+    /// whose address is advertised and the transport the message goes out on (Via names
+    /// the transport, RFC 3261 §18.1.1).
     #[allow(clippy::too_many_arguments)]
     fn forwarded_bytes(
         &self,
         msg: &Message,
         source: &Peer,
-        out_listener: usize,
+        (out_listener, out_transport): (usize, Transport),
         branch: &str,
         popped: usize,
         record_route: bool,
@@ -1574,7 +1658,7 @@ impl Proxy {
         let our_via = match out {
             Some(l) => format!(
                 "Via: SIP/2.0/{} {};branch={branch};rport\r\n",
-                l.transport.via_name(),
+                out_transport.via_name(),
                 hostport(l.addr)
             ),
             None => String::new(),
@@ -1798,7 +1882,17 @@ impl Proxy {
         self.out.push_back(Output::Transmit(t));
     }
 
-    fn log_call(&mut self, id: u64, outcome: &str, answer: u16) {
+    /// The configured id of call `id`'s agent, as a metric label (`unknown` when gone).
+    fn agent_label(&self, id: u64) -> String {
+        self.calls
+            .get(&id)
+            .and_then(|c| c.agents.config.agents.get(c.agent))
+            .map_or_else(|| "unknown".to_string(), |a| a.id.clone())
+    }
+
+    /// The one place a call's outcome is known: logs it, counts it
+    /// (`precall_calls_total`) and publishes it to the status page, once per call.
+    fn log_call(&mut self, id: u64, outcome: &'static str, answer: u16) {
         let Some(call) = self.calls.get_mut(&id) else {
             return;
         };
@@ -1819,12 +1913,35 @@ impl Proxy {
             None => ("cancelled", 0),
         };
         info!(call_id = %call_id, agent, caller, status, wait_ms, answer, outcome, "call");
+        metrics::counter!(
+            observe::CALLS,
+            "agent" => agent.to_string(),
+            "status" => status,
+            "outcome" => outcome
+        )
+        .increment(1);
+        self.call_log.push(CallRecord {
+            ended_ms: 0, // stamped by the log: the core reads no clock
+            call_id: call_id.into_owned(),
+            agent: agent.to_string(),
+            caller: caller.to_string(),
+            status,
+            wait_ms,
+            answer,
+            outcome,
+        });
     }
 
+    /// The listener whose address goes into Via/Record-Route for `transport`: one of that
+    /// transport, else (TLS without a `tls:` listener) a TCP one, else the first.
     fn listener_for(&self, transport: Transport) -> usize {
-        self.listeners
-            .iter()
-            .position(|l| l.transport == transport)
+        let find = |t: Transport| self.listeners.iter().position(|l| l.transport == t);
+        find(transport)
+            .or_else(|| {
+                (transport == Transport::Tls)
+                    .then(|| find(Transport::Tcp))
+                    .flatten()
+            })
             .unwrap_or(0)
     }
 

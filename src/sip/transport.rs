@@ -7,12 +7,21 @@
 //! A held call costs a map entry in the core and one small task awaiting its watch here,
 //! so thousands can be held without blocking anything else.
 //!
+//! TLS is TCP with a rustls session in between: a `tls:` listener accepts TCP, runs the
+//! handshake on the connection's own task, then hands the stream to the same reader and
+//! writer tasks as TCP, with the same Content-Length framing, connection cap, idle
+//! timeout and bounded write queue; an outgoing TLS connection is a TCP connect plus a
+//! TLS client handshake (see [`crate::tls`] for certificate checks).
+//! Every message in or out is counted (`precall_sip_messages_total`) from its first bytes.
+//!
 //! # What a hostile network can cost (README "Limits")
-//! - TCP: at most `sip.max_tcp_connections` inbound connections (more are closed as soon
-//!   as accepted); a connection with no complete message either way for `sip.tcp_idle_secs`
-//!   is closed (trickled bytes do not count: slowloris); at most [`WRITE_QUEUE`] messages
-//!   wait to be written to one connection (a peer that does not read is dropped); bytes
-//!   that cannot be framed get a `400` when one can be addressed, then the connection closes.
+//! - TCP and TLS (one budget): at most `sip.max_tcp_connections` inbound connections (more
+//!   are closed as soon as accepted; a TLS handshake in progress counts, and must finish
+//!   within [`crate::tls::HANDSHAKE_TIMEOUT`] or `sip.tcp_idle_secs`, whichever is
+//!   shorter); a connection with no complete message either way for `sip.tcp_idle_secs` is
+//!   closed (trickled bytes do not count: slowloris); at most [`WRITE_QUEUE`] messages wait
+//!   to be written to one connection (a peer that does not read is dropped); bytes that
+//!   cannot be framed get a `400` when one can be addressed, then the connection closes.
 //! - Out of file descriptors: `accept` fails; counted, logged at most every 10 s, retried
 //!   after a pause, and everything else (UDP, calls in flight) goes on.
 //! - UDP: a full receive buffer makes the kernel drop datagrams; the drops are read from
@@ -30,7 +39,8 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
 use futures_util::FutureExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
@@ -39,6 +49,7 @@ use tracing::{debug, info, warn};
 
 use crate::agent::Agents;
 use crate::config::{ListenAddr, SipLimits, Transport};
+use crate::metrics::{self as observe, Direction};
 use crate::store::{Claim, Contexts};
 
 use super::parse::{self, ParseError};
@@ -50,13 +61,27 @@ use super::proxy::{
 pub enum BoundSocket {
     Udp(Arc<UdpSocket>),
     Tcp(TcpListener),
+    /// A TCP listener whose connections start with a TLS handshake.
+    Tls(TcpListener, tokio_rustls::TlsAcceptor),
 }
 
 /// Binds every `sip.listen` entry; logs `listening for SIP/UDP on ADDR` per socket.
+/// `tls:` entries need [`bind_with_tls`].
 ///
 /// # Errors
-/// A socket could not be bound.
+/// A socket could not be bound, or a `tls:` entry has no certificate.
 pub async fn bind(listen: &[ListenAddr]) -> io::Result<Vec<(BoundSocket, SocketAddr)>> {
+    bind_with_tls(listen, None).await
+}
+
+/// Like [`bind`], with the server config (`sip.tls_cert`/`tls_key`) for `tls:` entries.
+///
+/// # Errors
+/// A socket could not be bound, or a `tls:` entry and no `tls` config.
+pub async fn bind_with_tls(
+    listen: &[ListenAddr],
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> io::Result<Vec<(BoundSocket, SocketAddr)>> {
     let mut out = Vec::with_capacity(listen.len());
     for l in listen {
         match l.transport {
@@ -72,6 +97,21 @@ pub async fn bind(listen: &[ListenAddr]) -> io::Result<Vec<(BoundSocket, SocketA
                 let addr = sock.local_addr()?;
                 info!("listening for SIP/TCP on {addr}");
                 out.push((BoundSocket::Tcp(sock), addr));
+            }
+            Transport::Tls => {
+                let Some(config) = tls.clone() else {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("{l}: no TLS certificate (sip.tls_cert, sip.tls_key)"),
+                    ));
+                };
+                let sock = TcpListener::bind(l.addr).await?;
+                let addr = sock.local_addr()?;
+                info!("listening for SIP/TLS on {addr}");
+                out.push((
+                    BoundSocket::Tls(sock, tokio_rustls::TlsAcceptor::from(config)),
+                    addr,
+                ));
             }
         }
     }
@@ -244,6 +284,7 @@ enum Event {
     },
     Stream {
         listener: usize,
+        transport: Transport,
         conn: ConnId,
         from: SocketAddr,
         bytes: Bytes,
@@ -265,7 +306,7 @@ enum Event {
         transport: Transport,
         to: SocketAddr,
     },
-    /// Close this TCP connection once what the core has just queued for it is written
+    /// Close this TCP/TLS connection once what the core has just queued for it is written
     /// (after a `400` to unframeable bytes).
     CloseConn {
         conn: ConnId,
@@ -397,13 +438,13 @@ impl HttpClient {
     }
 }
 
-/// Open TCP connections: by id (for responses on the connection a request came in on)
-/// and by remote address (to reuse a connection for a new request).
+/// Open TCP and TLS connections: by id (for responses on the connection a request came in
+/// on) and by transport and remote address (to reuse a connection for a new request).
 #[derive(Default)]
 struct Connections {
     next: AtomicU64,
     by_id: DashMap<ConnId, ConnHandle>,
-    by_addr: DashMap<SocketAddr, ConnId>,
+    by_addr: DashMap<(Transport, SocketAddr), ConnId>,
     /// Inbound (accepted) connections open now.
     inbound: AtomicUsize,
     stats: Arc<ShellStats>,
@@ -430,10 +471,7 @@ impl Connections {
                 self.stats
                     .tcp_write_overflow
                     .fetch_add(1, Ordering::Relaxed);
-                warn!(
-                    conn = id,
-                    "closing a TCP connection whose peer does not read"
-                );
+                warn!(conn = id, "closing a connection whose peer does not read");
                 self.forget(id);
                 handle.close.cancel();
             }
@@ -447,6 +485,58 @@ impl Connections {
             handle.close.cancel();
         }
         self.by_addr.retain(|_, v| *v != id);
+    }
+}
+
+/// What outgoing TLS connections need: the client config (bundled roots plus
+/// `sip.tls_ca`) and the name to check per address (the configured upstream's host).
+/// Rebuilt from the config at start and on every reload.
+#[derive(Clone)]
+struct TlsClient {
+    connector: tokio_rustls::TlsConnector,
+    names: Arc<HashMap<SocketAddr, ServerName<'static>>>,
+}
+
+impl TlsClient {
+    fn from_agents(agents: &Agents) -> Option<TlsClient> {
+        let config = &agents.config;
+        let client = match crate::tls::client_config(config.sip.tls.ca.as_deref()) {
+            Ok(client) => client,
+            Err(error) => {
+                warn!(%error, "no TLS client config: TLS upstreams cannot be reached");
+                return None;
+            }
+        };
+        let mut names = HashMap::new();
+        let route_upstreams = config.agents.iter().flat_map(|a| {
+            a.routes.iter().flat_map(|r| match &r.target {
+                crate::config::RouteTarget::Upstreams(list) => list.as_slice(),
+                _ => &[],
+            })
+        });
+        for up in config
+            .agents
+            .iter()
+            .flat_map(|a| a.upstreams.iter())
+            .chain(route_upstreams)
+            .filter(|u| u.transport == Transport::Tls)
+        {
+            if let Ok(name) = ServerName::try_from(up.host().to_string()) {
+                names.entry(up.addr).or_insert(name);
+            }
+        }
+        Some(TlsClient {
+            connector: tokio_rustls::TlsConnector::from(client),
+            names: Arc::new(names),
+        })
+    }
+
+    /// The name checked for a connection to `to`: the configured host, else the address.
+    fn name_for(&self, to: SocketAddr) -> ServerName<'static> {
+        self.names
+            .get(&to)
+            .cloned()
+            .unwrap_or_else(|| ServerName::IpAddress(to.ip().into()))
     }
 }
 
@@ -495,9 +585,7 @@ pub async fn run(
         idle: options.tcp_idle,
     };
     let mut udp: HashMap<usize, Arc<UdpSocket>> = HashMap::new();
-    let tcp_listener = sockets
-        .iter()
-        .position(|(s, _)| matches!(s, BoundSocket::Tcp(_)));
+    let mut tls_client = TlsClient::from_agents(proxy.agents());
     for (index, (sock, _)) in sockets.into_iter().enumerate() {
         match sock {
             BoundSocket::Udp(s) => {
@@ -515,6 +603,19 @@ pub async fn run(
                 tokio::spawn(tcp_acceptor(
                     index,
                     l,
+                    None,
+                    Arc::clone(&conns),
+                    tx.clone(),
+                    stream,
+                    options.max_tcp_connections,
+                    shutdown.child_token(),
+                ));
+            }
+            BoundSocket::Tls(l, acceptor) => {
+                tokio::spawn(tcp_acceptor(
+                    index,
+                    l,
+                    Some(acceptor),
                     Arc::clone(&conns),
                     tx.clone(),
                     stream,
@@ -560,6 +661,7 @@ pub async fn run(
                 break;
             }
             Some(Control::Reload(agents)) = control.recv() => {
+                tls_client = TlsClient::from_agents(&agents).or(tls_client);
                 proxy.set_agents(tokio::time::Instant::now().into_std(), agents);
                 info!("SIP side uses the reloaded config");
             }
@@ -596,12 +698,13 @@ pub async fn run(
                     }
                     Event::Stream {
                         listener,
+                        transport,
                         conn,
                         from,
                         bytes,
                     } => {
                         let peer = Peer {
-                            transport: Transport::Tcp,
+                            transport,
                             addr: from,
                             conn: Some(conn),
                             listener,
@@ -636,7 +739,9 @@ pub async fn run(
             }
             while let Some(out) = proxy.poll_output() {
                 match out {
-                    Output::Transmit(t) => transmit(&udp, &conns, tcp_listener, &tx, t, stream),
+                    Output::Transmit(t) => {
+                        transmit(&udp, &conns, tls_client.as_ref(), &tx, t, stream)
+                    }
                     Output::Lookup { hold, key } => {
                         let contexts2 = Arc::clone(&contexts);
                         let claim = async move { contexts2.claim(&key).await };
@@ -803,64 +908,125 @@ struct StreamOptions {
 fn transmit(
     udp: &HashMap<usize, Arc<UdpSocket>>,
     conns: &Arc<Connections>,
-    tcp_listener: Option<usize>,
+    tls: Option<&TlsClient>,
     tx: &mpsc::Sender<Event>,
     t: Transmit,
     stream: StreamOptions,
 ) {
-    match t.transport {
-        Transport::Udp => {
-            let sock = udp.get(&t.listener).or_else(|| udp.values().next());
-            let Some(sock) = sock else {
-                warn!(to = %t.to, "no UDP socket to send from");
-                return;
-            };
-            match sock.try_send_to(&t.bytes, t.to) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let sock = Arc::clone(sock);
-                    tokio::spawn(async move {
-                        if let Err(error) = sock.send_to(&t.bytes, t.to).await {
-                            debug!(%error, to = %t.to, "UDP send failed");
-                        }
-                    });
-                }
-                Err(error) => debug!(%error, to = %t.to, "UDP send failed"),
-            }
-        }
-        Transport::Tcp => {
-            let conn = t
-                .conn
-                .filter(|c| conns.by_id.contains_key(c))
-                .or_else(|| conns.by_addr.get(&t.to).map(|c| *c));
-            if let Some(conn) = conn {
-                conns.send(conn, t.bytes);
-                return;
-            }
-            // No connection to that address yet: open one; it also reads what comes back.
-            let conns = Arc::clone(conns);
-            let tx = tx.clone();
-            let listener = tcp_listener.unwrap_or(0);
-            tokio::spawn(async move {
-                match TcpStream::connect(t.to).await {
-                    Ok(socket) => {
-                        let id = register(&conns, socket, t.to, listener, tx, stream, false);
-                        debug!(conn = id, to = %t.to, "opened TCP connection");
-                        conns.send(id, t.bytes);
+    observe::count_sip(Direction::Out, &t.bytes);
+    if t.transport == Transport::Udp {
+        let sock = udp.get(&t.listener).or_else(|| udp.values().next());
+        let Some(sock) = sock else {
+            warn!(to = %t.to, "no UDP socket to send from");
+            return;
+        };
+        match sock.try_send_to(&t.bytes, t.to) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let sock = Arc::clone(sock);
+                tokio::spawn(async move {
+                    if let Err(error) = sock.send_to(&t.bytes, t.to).await {
+                        debug!(%error, to = %t.to, "UDP send failed");
                     }
-                    Err(error) => {
-                        warn!(%error, to = %t.to, "TCP connect failed");
-                        let _ = tx
-                            .send(Event::TransportError {
-                                transport: Transport::Tcp,
-                                to: t.to,
-                            })
-                            .await;
-                    }
-                }
-            });
+                });
+            }
+            Err(error) => debug!(%error, to = %t.to, "UDP send failed"),
         }
+        return;
     }
+    // TCP and TLS: the connection the request came on, else one open to that address.
+    // A TLS connection also carries what is addressed as TCP (a relayed response whose
+    // Via says TCP goes back on the connection it came from, RFC 3261 §18.2.2), never
+    // the other way round: TLS traffic is not downgraded to a plain connection.
+    let conn = t
+        .conn
+        .filter(|c| conns.by_id.contains_key(c))
+        .or_else(|| conns.by_addr.get(&(t.transport, t.to)).map(|c| *c))
+        .or_else(|| {
+            (t.transport == Transport::Tcp)
+                .then(|| conns.by_addr.get(&(Transport::Tls, t.to)).map(|c| *c))
+                .flatten()
+        });
+    if let Some(conn) = conn {
+        conns.send(conn, t.bytes);
+        return;
+    }
+    // No connection to that address yet: open one; it also reads what comes back.
+    let tls = match (t.transport, tls) {
+        (Transport::Tls, Some(tls)) => Some(tls.clone()),
+        (Transport::Tls, None) => {
+            warn!(to = %t.to, "no TLS client config: cannot reach a TLS peer");
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _ = tx
+                    .send(Event::TransportError {
+                        transport: Transport::Tls,
+                        to: t.to,
+                    })
+                    .await;
+            });
+            return;
+        }
+        _ => None,
+    };
+    let conns = Arc::clone(conns);
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        let transport = t.transport;
+        let failed = |error: String| {
+            warn!(%error, to = %t.to, transport = transport.param_name(), "connect failed");
+            Event::TransportError {
+                transport,
+                to: t.to,
+            }
+        };
+        let socket = match TcpStream::connect(t.to).await {
+            Ok(socket) => socket,
+            Err(error) => {
+                let _ = tx.send(failed(error.to_string())).await;
+                return;
+            }
+        };
+        let _ = socket.set_nodelay(true);
+        let id = match tls {
+            None => {
+                let (reader, writer) = socket.into_split();
+                let wire = Wire {
+                    transport,
+                    peer: t.to,
+                    listener: t.listener,
+                    slot: None,
+                };
+                register(&conns, reader, writer, wire, tx, stream)
+            }
+            Some(tls) => {
+                let name = tls.name_for(t.to);
+                let handshake = tls.connector.connect(name, socket);
+                let tls_stream =
+                    match tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, handshake).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(error)) => {
+                            let _ = tx.send(failed(format!("TLS: {error}"))).await;
+                            return;
+                        }
+                        Err(_) => {
+                            let _ = tx.send(failed("TLS handshake timed out".into())).await;
+                            return;
+                        }
+                    };
+                let (reader, writer) = tokio::io::split(tls_stream);
+                let wire = Wire {
+                    transport,
+                    peer: t.to,
+                    listener: t.listener,
+                    slot: None,
+                };
+                register(&conns, reader, writer, wire, tx, stream)
+            }
+        };
+        debug!(conn = id, to = %t.to, transport = transport.param_name(), "opened connection");
+        conns.send(id, t.bytes);
+    });
 }
 
 async fn udp_reader(
@@ -885,6 +1051,7 @@ async fn udp_reader(
                 {
                     continue;
                 }
+                observe::count_sip(Direction::In, data);
                 let bytes = Bytes::copy_from_slice(data);
                 if tx
                     .send(Event::Datagram {
@@ -921,15 +1088,25 @@ fn warn_due(last: &Mutex<Option<Instant>>) -> bool {
     due
 }
 
+/// Accepts TCP connections (with a TLS handshake first when `tls` is set), at most
+/// `max_connections` at once: a TLS connection takes its slot before the handshake, so
+/// clients that never finish one cannot get around the cap.
+#[allow(clippy::too_many_arguments)]
 async fn tcp_acceptor(
     listener: usize,
     sock: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     conns: Arc<Connections>,
     tx: mpsc::Sender<Event>,
     stream: StreamOptions,
     max_connections: usize,
     shutdown: CancellationToken,
 ) {
+    let transport = if tls.is_some() {
+        Transport::Tls
+    } else {
+        Transport::Tcp
+    };
     let (warned_full, warned_error) = (Mutex::new(None), Mutex::new(None));
     loop {
         let accepted = tokio::select! {
@@ -942,13 +1119,47 @@ async fn tcp_acceptor(
                     // Closed at once (dropped): the peer sees the connection end.
                     conns.stats.tcp_refused.fetch_add(1, Ordering::Relaxed);
                     if warn_due(&warned_full) {
-                        warn!(peer = %from, max_connections, "too many TCP connections; closing new ones");
+                        warn!(peer = %from, max_connections, transport = transport.param_name(), "too many connections; closing new ones");
                     }
                     continue;
                 }
                 let _ = socket.set_nodelay(true);
-                let id = register(&conns, socket, from, listener, tx.clone(), stream, true);
-                debug!(conn = id, peer = %from, "accepted TCP connection");
+                let wire = Wire {
+                    transport,
+                    peer: from,
+                    listener,
+                    slot: Some(InboundSlot::take(&conns)),
+                };
+                let Some(acceptor) = &tls else {
+                    let (reader, writer) = socket.into_split();
+                    let id = register(&conns, reader, writer, wire, tx.clone(), stream);
+                    debug!(conn = id, peer = %from, "accepted TCP connection");
+                    continue;
+                };
+                // The handshake runs on its own task: a slow or silent client never holds
+                // up the next accept. It holds its slot (given back on failure) for the
+                // handshake timeout at most, or `tcp_idle_secs` when that is shorter, so
+                // a silent TLS client lasts no longer than a silent TCP one.
+                let handshake = acceptor.accept(socket);
+                let conns = Arc::clone(&conns);
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let limit = crate::tls::HANDSHAKE_TIMEOUT.min(stream.idle);
+                    let stream_tls = match tokio::time::timeout(limit, handshake).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(error)) => {
+                            debug!(%error, peer = %from, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!(peer = %from, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let (reader, writer) = tokio::io::split(stream_tls);
+                    let id = register(&conns, reader, writer, wire, tx, stream);
+                    debug!(conn = id, peer = %from, "accepted TLS connection");
+                });
             }
             Err(error) => {
                 // Out of file descriptors (EMFILE/ENFILE) and the like: the pending
@@ -964,16 +1175,56 @@ async fn tcp_acceptor(
     }
 }
 
-/// Registers a connection and starts its reader and writer tasks; returns its id.
-fn register(
-    conns: &Arc<Connections>,
-    socket: TcpStream,
+/// One of the `max_tcp_connections` inbound slots: taken at accept (before any TLS
+/// handshake), given back when dropped (the connection closed, or its handshake failed).
+struct InboundSlot(Arc<Connections>);
+
+impl InboundSlot {
+    fn take(conns: &Arc<Connections>) -> InboundSlot {
+        conns.inbound.fetch_add(1, Ordering::Relaxed);
+        InboundSlot(Arc::clone(conns))
+    }
+}
+
+impl Drop for InboundSlot {
+    fn drop(&mut self) {
+        self.0.inbound.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Who is at the other end of a connection and how it is reached.
+struct Wire {
+    /// `Tcp` or `Tls`: what the messages read from it are marked with, and the key it is
+    /// found under for reuse.
+    transport: Transport,
     peer: SocketAddr,
+    /// The listener its messages count as received on.
     listener: usize,
+    /// Held while an inbound connection is open; `None` for the ones we open.
+    slot: Option<InboundSlot>,
+}
+
+/// Registers a connection (TCP, or TLS after its handshake) and starts its reader and
+/// writer tasks; returns its id. Both kinds get the same framing, idle timeout and
+/// bounded write queue.
+fn register<R, W>(
+    conns: &Arc<Connections>,
+    mut reader: R,
+    mut writer: W,
+    wire: Wire,
     tx: mpsc::Sender<Event>,
     opts: StreamOptions,
-    inbound: bool,
-) -> ConnId {
+) -> ConnId
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let Wire {
+        transport,
+        peer,
+        listener,
+        slot,
+    } = wire;
     let id = conns.next.fetch_add(1, Ordering::Relaxed) + 1;
     let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
     let close = CancellationToken::new();
@@ -984,10 +1235,7 @@ fn register(
             close: close.clone(),
         },
     );
-    conns.by_addr.insert(peer, id);
-    if inbound {
-        conns.inbound.fetch_add(1, Ordering::Relaxed);
-    }
+    conns.by_addr.insert((transport, peer), id);
     let started = Instant::now();
     // Milliseconds since `started` of the last complete message read or written: the
     // idle timer counts from it.
@@ -995,18 +1243,22 @@ fn register(
     let since = move |at: Instant| {
         u64::try_from(at.duration_since(started).as_millis()).unwrap_or(u64::MAX)
     };
-    let (mut reader, mut writer) = socket.into_split();
     let writer_progress = Arc::clone(&progress);
     let writer_close = close.clone();
     let writer_tx = tx.clone();
     tokio::spawn(async move {
         while let Some(bytes) = out_rx.recv().await {
-            if let Err(error) = writer.write_all(&bytes).await {
-                debug!(%error, conn = id, "TCP write failed");
+            // A TLS writer buffers records until flushed; for TCP the flush is a no-op.
+            let written = match writer.write_all(&bytes).await {
+                Ok(()) => writer.flush().await,
+                Err(error) => Err(error),
+            };
+            if let Err(error) = written {
+                debug!(%error, conn = id, "write failed");
                 // A reset connection: calls waiting on this peer fail over or get 503.
                 let _ = writer_tx
                     .send(Event::TransportError {
-                        transport: Transport::Tcp,
+                        transport,
                         to: peer,
                     })
                     .await;
@@ -1020,6 +1272,8 @@ fn register(
     });
     let conns = Arc::clone(conns);
     tokio::spawn(async move {
+        // Given back when this task ends, whichever way.
+        let _slot = slot;
         let mut buf = BytesMut::with_capacity(TCP_READ_CHUNK);
         'conn: loop {
             if buf.capacity() - buf.len() < 1024 {
@@ -1033,7 +1287,7 @@ fn register(
                     let last = Duration::from_millis(progress.load(Ordering::Relaxed));
                     if started + last + opts.idle <= Instant::now() {
                         conns.stats.tcp_idle_closed.fetch_add(1, Ordering::Relaxed);
-                        debug!(conn = id, peer = %peer, "closing idle TCP connection");
+                        debug!(conn = id, peer = %peer, "closing idle connection");
                         break;
                     }
                     continue; // something was written meanwhile
@@ -1046,7 +1300,7 @@ fn register(
                     if error.kind() == io::ErrorKind::ConnectionReset {
                         let _ = tx
                             .send(Event::TransportError {
-                                transport: Transport::Tcp,
+                                transport,
                                 to: peer,
                             })
                             .await;
@@ -1061,9 +1315,11 @@ fn register(
                         let _ = buf.split_to(frame.skip);
                         let bytes = buf.split_to(frame.len).freeze();
                         progress.fetch_max(since(Instant::now()), Ordering::Relaxed);
+                        observe::count_sip(Direction::In, &bytes);
                         if tx
                             .send(Event::Stream {
                                 listener,
+                                transport,
                                 conn: id,
                                 from: peer,
                                 bytes,
@@ -1087,34 +1343,31 @@ fn register(
                     }
                     Err(error) => {
                         // Framing is lost: nothing after this can be trusted. Let the core
-                        // answer 400 when it can address one, then close once that is sent.
+                        // answer 400 when it can address one (it counts the parse error),
+                        // then close once that is sent.
                         conns.stats.tcp_unframeable.fetch_add(1, Ordering::Relaxed);
-                        debug!(%error, peer = %peer, "closing TCP connection with unframeable data");
+                        debug!(%error, peer = %peer, "closing connection with unframeable data");
                         let end = buf.len().min(opts.max_message_bytes);
                         let bytes = buf.split_to(end).freeze();
+                        observe::count_sip(Direction::In, &bytes);
                         let _ = tx
                             .send(Event::Stream {
                                 listener,
+                                transport,
                                 conn: id,
                                 from: peer,
                                 bytes,
                             })
                             .await;
                         let _ = tx.send(Event::CloseConn { conn: id }).await;
-                        if inbound {
-                            conns.inbound.fetch_sub(1, Ordering::Relaxed);
-                        }
-                        debug!(conn = id, "TCP connection closing after unframeable data");
+                        debug!(conn = id, "connection closing after unframeable data");
                         return;
                     }
                 }
             }
         }
         conns.forget(id);
-        if inbound {
-            conns.inbound.fetch_sub(1, Ordering::Relaxed);
-        }
-        debug!(conn = id, "TCP connection closed");
+        debug!(conn = id, "connection closed");
     });
     id
 }

@@ -104,6 +104,7 @@ pub fn parse_target(value: &str) -> Option<UriTarget<'_>> {
             transport = match val {
                 Some(v) if v.eq_ignore_ascii_case("udp") => Some(Transport::Udp),
                 Some(v) if v.eq_ignore_ascii_case("tcp") => Some(Transport::Tcp),
+                Some(v) if v.eq_ignore_ascii_case("tls") => Some(Transport::Tls),
                 _ => None,
             };
         }

@@ -28,9 +28,9 @@ impl Authenticated {
         self.valid_for.get(index).copied().unwrap_or(false)
     }
 
-    /// The agent the key belongs to (config validation makes a key belong to one agent).
+    /// The agent the key belongs to (config validation makes every key one agent's).
     pub fn agent_index(&self) -> Option<usize> {
-        self.valid_for.iter().position(|ok| *ok)
+        self.valid_for.iter().position(|&valid| valid)
     }
 }
 
@@ -90,7 +90,7 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
 /// on `expected`'s length: the loop runs over `presented` (which the client knows anyway)
 /// and reads `expected` cyclically, without a length branch. (`subtle`'s slice `ct_eq`
 /// returns early on a length mismatch, which would time the configured key's length.)
-fn constant_time_eq(presented: &[u8], expected: &[u8]) -> Choice {
+pub(super) fn constant_time_eq(presented: &[u8], expected: &[u8]) -> Choice {
     let Some(cycle) = std::num::NonZeroUsize::new(expected.len()) else {
         return Choice::from(0); // an empty configured key never matches
     };

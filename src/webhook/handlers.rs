@@ -77,15 +77,26 @@ pub async fn test_precall(
     body: Body,
 ) -> Result<Response, ApiError> {
     let posted = validate_post(&state, &headers, body).await?;
-    let agent = posted.agent;
-    let mut effective = inject::effective_context(&agent.defaults, Some(&posted.context));
+    let answer = dry_run(&state, posted.agent, &posted.key, &posted.context);
+    Ok((StatusCode::OK, Json(answer)).into_response())
+}
+
+/// The dry run behind `/v1/precall/test` (and the status page's Test form): what a call
+/// from `key.number` to `agent` would get with `context` cached.
+pub(super) fn dry_run(
+    state: &AppState,
+    agent: &AgentConfig,
+    key: &CallerKey,
+    context: &Map<String, Value>,
+) -> Value {
+    let mut effective = inject::effective_context(&agent.defaults, Some(context));
     let called = agent.numbers.first().map_or("", String::as_str);
     let routing = match state.agents.index_of(&agent.id) {
         Some(index) => state.agents.route(
             index,
             &RouteInput {
                 context: &effective,
-                caller: posted.key.number.as_str(),
+                caller: key.number.as_str(),
                 called,
                 agent: &agent.id,
                 status: Status::Hit.as_str(),
@@ -126,16 +137,38 @@ pub async fn test_precall(
             .into_iter()
             .map(|(name, value)| json!({ "name": name, "value": value }))
             .collect();
-    let answer = json!({
+    json!({
         "agentId": agent.id,
-        "phoneNumber": posted.key.number.as_str(),
+        "phoneNumber": key.number.as_str(),
         "status": Status::Hit.as_str(),
         "mode": inject_cfg.mode.as_str(),
         "headers": headers,
         "route": route,
         "routeErrors": route_errors,
-    });
-    Ok((StatusCode::OK, Json(answer)).into_response())
+    })
+}
+
+/// The status page's dry run (`POST /ui/api/test`, behind the admin password instead of
+/// an API key): the body of `/v1/precall/test`, checked the same way from step 3 on.
+pub(super) async fn ui_dry_run(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Value, ApiError> {
+    if !is_json(headers) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let bytes = read_body(headers, body, state.agents.config.http.max_body_bytes).await?;
+    let payload = Payload::parse(&bytes)?;
+    let Some(agent) = state.agents.config.agent(&payload.agent_id) else {
+        return Err(ApiError::UnknownAgent(payload.agent_id));
+    };
+    let number = normalise(&payload.phone_number, agent)?;
+    let key = CallerKey {
+        agent: agent.id.clone(),
+        number,
+    };
+    Ok(dry_run(state, agent, &key, &payload.context))
 }
 
 /// `GET /v1/precall/{agentId}/{phoneNumber}`: the cached context, left in place.
@@ -177,10 +210,11 @@ pub async fn healthz() -> Response {
     (StatusCode::OK, Json(json!({ "status": "ok" }))).into_response()
 }
 
-/// `GET /readyz`: every SIP listener is bound and the store answers.
+/// `GET /readyz`: every SIP listener is bound, precall takes new calls (not draining),
+/// and the store answers.
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let reason = if !state.sip_ready.load(Ordering::Acquire) {
-        Some("SIP listeners not bound yet")
+        Some("not taking calls (SIP listeners not bound yet, or draining)")
     } else if let Err(error) = state.contexts.store.ping().await {
         tracing::warn!(%error, "not ready: store unavailable");
         Some("store unavailable")

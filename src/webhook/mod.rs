@@ -1,5 +1,7 @@
 //! The webhook HTTP API (axum): `POST /v1/precall`, `GET`/`DELETE
-//! /v1/precall/{agentId}/{phoneNumber}`, `POST /v1/precall/test`, `/healthz`, `/readyz`.
+//! /v1/precall/{agentId}/{phoneNumber}`, `POST /v1/precall/test`, `/healthz`, `/readyz`,
+//! `/metrics` (Prometheus text), and the status page under `/ui/` when
+//! `http.admin_password` is set ([`ui`]).
 //! The contract is DESIGN.md "Webhook API"; every error is `{"error": "..."}` ([`ApiError`]).
 //!
 //! # Order of checks
@@ -35,19 +37,23 @@
 mod auth;
 mod error;
 mod handlers;
+mod observe;
 pub mod ratelimit;
 #[cfg(test)]
 mod security_tests;
 pub mod signature;
 #[cfg(test)]
 mod tests;
+pub mod ui;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use axum::routing::{get, post};
+use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::agent::Agents;
+use crate::metrics::CallLog;
 use crate::store::Contexts;
 
 pub use auth::API_KEY_HEADER;
@@ -62,12 +68,24 @@ pub struct AppState {
     pub sip_ready: Arc<AtomicBool>,
     /// `http.rate_limit_per_sec` per API key.
     pub limiter: Arc<ratelimit::KeyLimiter>,
+    /// Metrics and the status page's view of the SIP side.
+    pub ops: Ops,
+}
+
+/// What `/metrics` and `/ui/` read.
+#[derive(Clone, Default)]
+pub struct Ops {
+    /// The installed Prometheus recorder; `None`: `/metrics` answers 503.
+    pub metrics: Option<PrometheusHandle>,
+    /// Held calls and finished calls, published by the SIP core.
+    pub call_log: Arc<CallLog>,
 }
 
 /// The API router.
 pub fn router(state: AppState) -> axum::Router {
-    axum::Router::new()
-        .route("/v1/precall", post(handlers::post_precall))
+    let counted = axum::middleware::from_fn_with_state(state.clone(), observe::count_webhook);
+    let router = axum::Router::new()
+        .route("/v1/precall", post(handlers::post_precall).layer(counted))
         .route("/v1/precall/test", post(handlers::test_precall))
         .route(
             "/v1/precall/{agent_id}/{phone_number}",
@@ -75,6 +93,13 @@ pub fn router(state: AppState) -> axum::Router {
         )
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
+        .route("/metrics", get(observe::metrics_text));
+    // No admin password, no status page: its paths are unknown (404).
+    let router = match state.agents.config.http.admin_password {
+        Some(_) => router.merge(ui::router(state.clone())),
+        None => router,
+    };
+    router
         // Applies to the routes above, so it must come after them.
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .fallback(handlers::not_found)

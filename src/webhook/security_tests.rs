@@ -62,13 +62,14 @@ fn state(rate: Option<Rate>, max_contexts: usize) -> AppState {
             t1: Duration::from_millis(500),
             max_message_bytes: 65535,
             drain: Duration::from_secs(30),
-            limits: Default::default(),
+            ..SipConfig::default()
         },
         http: HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             max_body_bytes: 4096,
             client_concurrency: 256,
             rate_limit: rate,
+            ..HttpConfig::default()
         },
         store: StoreConfig {
             backend: StoreBackend::Memory,
@@ -84,6 +85,7 @@ fn state(rate: Option<Rate>, max_contexts: usize) -> AppState {
         contexts: Arc::new(Contexts::new(store, true, config.store.ttl)),
         agents: Arc::new(Agents::new(Arc::new(config))),
         sip_ready: Arc::new(AtomicBool::new(true)),
+        ops: crate::webhook::Ops::default(),
     }
 }
 
@@ -262,4 +264,31 @@ async fn a_full_store_refuses_new_keys_with_503() {
         send(&s, post(KEY_B, &again, None)).await.0,
         StatusCode::ACCEPTED
     );
+}
+
+#[tokio::test]
+async fn the_status_page_hands_copy_curl_the_secret_of_signed_agents_only() {
+    let base = state(None, 100);
+    let mut config = (*base.agents.config).clone();
+    config.http.admin_password = Some("status-pw-123".to_string());
+    let state = AppState {
+        agents: Arc::new(Agents::new(Arc::new(config))),
+        ..base
+    };
+    use base64::Engine as _;
+    let auth = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("admin:status-pw-123")
+    );
+    let request = Request::builder()
+        .uri("/ui/api/agents")
+        .header(header::AUTHORIZATION, auth)
+        .body(Body::empty())
+        .unwrap();
+    let (status, _, body) = send(&state, request).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["agents"][0]["id"], "a");
+    assert_eq!(body["agents"][0]["webhookSecret"], SECRET);
+    assert_eq!(body["agents"][1]["id"], "b");
+    assert_eq!(body["agents"][1]["webhookSecret"], Value::Null);
 }

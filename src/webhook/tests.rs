@@ -64,13 +64,14 @@ fn config() -> Config {
             t1: Duration::from_millis(500),
             max_message_bytes: 65535,
             drain: Duration::from_secs(30),
-            limits: Default::default(),
+            ..SipConfig::default()
         },
         http: HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             max_body_bytes: MAX_BODY,
             client_concurrency: 256,
             rate_limit: None,
+            ..HttpConfig::default()
         },
         store: StoreConfig {
             backend: StoreBackend::Memory,
@@ -115,6 +116,7 @@ impl Harness {
             agents: Arc::new(Agents::new(Arc::new(config))),
             contexts: Arc::new(contexts),
             sip_ready: Arc::new(AtomicBool::new(true)),
+            ops: crate::webhook::Ops::default(),
             limiter: Arc::new(limiter),
         };
         Harness { state, store }

@@ -161,6 +161,12 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// `sip.trusted_peers` (whose P-Asserted-Identity is believed); loopback by default.
     pub trusted_peers: Vec<String>,
+    /// More `sip.listen` entries after the UDP and TCP ones (`"tls:127.0.0.1:0"`).
+    pub extra_listen: Vec<String>,
+    /// Raw TOML lines added to `[sip]` (`tls_cert = "..."`).
+    pub sip_extra: String,
+    /// Raw TOML lines added to `[http]` (`admin_password = "..."`).
+    pub http_extra: String,
     /// `[store]` lines replacing `backend = "memory"` and `ttl_secs = 300` (the Redis
     /// tests set backend, url, ttl and timeout here); `consume` is still added.
     pub store: Option<String>,
@@ -174,13 +180,24 @@ impl Config {
             consume: true,
             max_body_bytes: 4096,
             trusted_peers: vec!["127.0.0.0/8".to_string()],
+            extra_listen: Vec::new(),
+            sip_extra: String::new(),
+            http_extra: String::new(),
             store: None,
         }
     }
 
     pub fn to_toml(&self) -> String {
         let mut s = String::new();
-        s.push_str("[sip]\nlisten = [\"udp:127.0.0.1:0\", \"tcp:127.0.0.1:0\"]\n");
+        let mut listen = vec![
+            "\"udp:127.0.0.1:0\"".to_string(),
+            "\"tcp:127.0.0.1:0\"".to_string(),
+        ];
+        listen.extend(self.extra_listen.iter().map(|l| format!("\"{l}\"")));
+        writeln!(s, "[sip]\nlisten = [{}]", listen.join(", ")).unwrap();
+        if !self.sip_extra.is_empty() {
+            writeln!(s, "{}", self.sip_extra).unwrap();
+        }
         let peers: Vec<String> = self
             .trusted_peers
             .iter()
@@ -192,8 +209,8 @@ impl Config {
         }
         writeln!(
             s,
-            "\n[http]\nlisten = \"127.0.0.1:0\"\nmax_body_bytes = {}\n",
-            self.max_body_bytes
+            "\n[http]\nlisten = \"127.0.0.1:0\"\nmax_body_bytes = {}\n{}\n",
+            self.max_body_bytes, self.http_extra
         )
         .unwrap();
         let store = self
@@ -444,11 +461,16 @@ impl Precall {
         };
         p.udp = p.listening("SIP/UDP");
         p.tcp = p.listening("SIP/TCP");
-        p.http = p.listening("HTTP");
+        p.http = if config.http_extra.contains("tls_cert") {
+            p.listening("HTTPS")
+        } else {
+            p.listening("HTTP")
+        };
         p
     }
 
-    fn listening(&self, what: &str) -> SocketAddr {
+    /// The address of the `listening for WHAT on ADDR` line (`"SIP/TLS"`), waiting for it.
+    pub fn listening(&self, what: &str) -> SocketAddr {
         let prefix = format!("listening for {what} on ");
         let line = self
             .log

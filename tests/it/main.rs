@@ -28,6 +28,7 @@ mod cli;
 mod hostile;
 mod load;
 mod operate;
+mod ops;
 mod redis;
 mod robustness;
 mod routing;

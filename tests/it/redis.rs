@@ -392,6 +392,41 @@ fn contexts_expire_after_ttl_secs() {
 }
 
 #[test]
+fn metrics_count_the_contexts_in_redis() {
+    let redis = RedisServer::start();
+    let uas = Uas::udp(Answer::Ring200);
+    let node = node("redis-metrics", &uas, 300, redis_store(&redis, 300));
+    node.post_ok("a", "+14155550331", json!({ "tier": "gold" }));
+    node.post_ok("a", "+14155550332", json!({ "tier": "silver" }));
+    let contexts = || {
+        let r = http_request(node.http, "GET", "/metrics", &[], b"");
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body
+            .lines()
+            .find_map(|l| l.strip_prefix("precall_contexts "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    assert_eq!(contexts(), Some(2.0), "counted in Redis at the scrape");
+    // Scrapes whose client hangs up at once leave the node and its Redis connection
+    // working (a smoke check: with two keys the count is one round trip).
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(node.http).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        drop(s);
+    }
+    let call = Uac::udp(node.udp);
+    let c = call.call("+14155550331", AGENT_A);
+    call.send(&c.invite());
+    assert_eq!(status_of(&uas.expect_invite(SOON).msg), "hit");
+    complete_call(&call, &uas, &c);
+    eventually(SOON, "the consumed context is no longer counted", || {
+        contexts() == Some(1.0)
+    });
+    assert_eq!(readyz(&node).status, 200);
+}
+
+#[test]
 fn redis_down_means_fallback_503_and_not_ready_and_its_return_means_hits_again() {
     let fallback_ms = 4_000;
     let mut pair = Pair::start("redis-down", fallback_ms, 300);

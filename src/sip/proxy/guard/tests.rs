@@ -69,12 +69,14 @@ fn proxy_with(tweak: impl FnOnce(&mut SipLimits)) -> Proxy {
             max_message_bytes: 65535,
             drain: Duration::from_secs(30),
             limits,
+            ..SipConfig::default()
         },
         http: HttpConfig {
             listen: "127.0.0.1:8080".parse().unwrap(),
             max_body_bytes: 16384,
             client_concurrency: 256,
             rate_limit: None,
+            ..HttpConfig::default()
         },
         store: StoreConfig {
             backend: StoreBackend::Memory,
