@@ -840,8 +840,9 @@ impl Proxy {
             deadlines: [None; TIMERS],
             span,
         };
-        self.out
-            .push_back(Output::Transmit(call.reply_target(trying)));
+        // Queued after the look-up (below): by the time the caller sees the 100, the call
+        // is registered as waiting, so a webhook sent on the 100 always finds it.
+        let trying = Output::Transmit(call.reply_target(trying));
         let fallback_wait = agent.fallback_wait;
         let hold_key = call.caller_key();
         call.hold = hold_key.clone();
@@ -868,9 +869,13 @@ impl Proxy {
                     }));
                 }
                 self.out.push_back(Output::Lookup { hold: id, key });
+                self.out.push_back(trying);
             }
             // No caller number to look up (anonymous): nothing can arrive for it.
-            None => self.settle(now, id, Status::Fallback, None),
+            None => {
+                self.out.push_back(trying);
+                self.settle(now, id, Status::Fallback, None);
+            }
         }
     }
 
