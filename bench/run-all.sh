@@ -1,0 +1,324 @@
+#!/usr/bin/env bash
+# precall against Kamailio, in one go: builds release, then runs on this machine
+#   - SIPp UAC -> UAS direct (the floor), Kamailio, and precall on the hit, fallback and
+#     held paths (../shared/bench/run.sh, the same SIPp load for each, alternated over
+#     --rounds so drift hits both sides),
+#   - the release-lag probe at low and at high load (bench/release_lag.py),
+#   - webhook ingest throughput (wrk + bench/webhook.lua),
+#   - RSS with 10 000 calls held at once (bench/memory.py held),
+#   - optionally max CPS (--max-cps), 1 000 000 cached contexts (--memory), a perf
+#     profile of precall on the hit path (--perf),
+# and prints a table of ratios against Kamailio plus the raw figures.
+#
+# usage: bench/run-all.sh [--quick] [--rate CPS] [--calls N] [--rounds N] [--max-cps]
+#                         [--max-cps-rates "1000 2000 ..."] [--memory] [--perf]
+#                         [--lag-calls N] [--bg-rate CPS] [--held-calls N] [--no-build]
+#
+#   --quick          small counts (a CI smoke run: checks that everything still works)
+#   --rate, --calls  SIPp load per run (default 500 cps, 10000 calls)
+#   --rounds         how many times the five runs are repeated, alternating (default 2)
+#   --max-cps        also step the rate up for kamailio and precall-hit (max_cps.sh)
+#   --memory         also post 1 000 000 contexts and read RSS (about 1-2 minutes)
+#   --perf           also profile precall on the hit path (perf record; report in the
+#                    session folder)
+#   --lag-calls      release-lag probe calls per phase (default 1000)
+#   --bg-rate        SIPp hit load during the high-load lag phase (default 1000 cps)
+#   --held-calls     calls held at once for the memory figure (default 10000)
+#   --no-build       use the existing target/release/precall
+#
+# Run from anywhere; paths are relative to the repository root. The shared harness is
+# ../shared/bench beside the repository (BENCH_HARNESS overrides). Results go to
+# BENCH_OUT (default target/bench): runs/ holds each run's logs, and
+# sessions/<timestamp>/ this invocation's results.jsonl, report.md and report.json.
+# Uses UDP 5060/5061/5070/5072 and TCP 18080 on 127.0.0.1; refuses to start when busy.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+HARNESS="${BENCH_HARNESS:-$ROOT/../shared/bench}"
+HARNESS="$(cd "$HARNESS" 2>/dev/null && pwd)" || {
+  echo "run-all.sh: shared harness not found (expected ../shared/bench beside the repo; set BENCH_HARNESS)" >&2
+  exit 1
+}
+LIB="$HARNESS/lib/benchlib.py"
+export BENCH_OUT="${BENCH_OUT:-$ROOT/target/bench}"
+mkdir -p "$BENCH_OUT"
+BENCH_OUT="$(cd "$BENCH_OUT" && pwd)"
+
+QUICK=0
+RATE=500
+CALLS=10000
+ROUNDS=2
+MAX_CPS=0
+MAX_CPS_RATES=""
+MEMORY=0
+PERF=0
+LAG_CALLS=1000
+BG_RATE=1000
+HELD_CALLS=10000
+BUILD=1
+SET_RATE="" SET_CALLS="" SET_ROUNDS="" SET_LAG="" SET_BG="" SET_HELD=""
+
+usage() { sed -n '2,32p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --quick) QUICK=1; shift ;;
+    --rate) SET_RATE="$2"; shift 2 ;;
+    --calls) SET_CALLS="$2"; shift 2 ;;
+    --rounds) SET_ROUNDS="$2"; shift 2 ;;
+    --max-cps) MAX_CPS=1; shift ;;
+    --max-cps-rates) MAX_CPS=1; MAX_CPS_RATES="$2"; shift 2 ;;
+    --memory) MEMORY=1; shift ;;
+    --perf) PERF=1; shift ;;
+    --lag-calls) SET_LAG="$2"; shift 2 ;;
+    --bg-rate) SET_BG="$2"; shift 2 ;;
+    --held-calls) SET_HELD="$2"; shift 2 ;;
+    --no-build) BUILD=0; shift ;;
+    -h|--help) usage ;;
+    *) echo "run-all.sh: unknown argument: $1" >&2; usage ;;
+  esac
+done
+if [[ $QUICK -eq 1 ]]; then
+  RATE=200 CALLS=400 ROUNDS=1 LAG_CALLS=100 BG_RATE=200 HELD_CALLS=1000
+fi
+RATE="${SET_RATE:-$RATE}" CALLS="${SET_CALLS:-$CALLS}" ROUNDS="${SET_ROUNDS:-$ROUNDS}"
+LAG_CALLS="${SET_LAG:-$LAG_CALLS}" BG_RATE="${SET_BG:-$BG_RATE}" HELD_CALLS="${SET_HELD:-$HELD_CALLS}"
+for v in RATE CALLS ROUNDS LAG_CALLS BG_RATE HELD_CALLS; do
+  [[ "${!v}" =~ ^[0-9]+$ && "${!v}" -gt 0 ]] || { echo "run-all.sh: bad ${v,,}: ${!v}" >&2; exit 2; }
+done
+if [[ -z "$MAX_CPS_RATES" ]]; then
+  if [[ $QUICK -eq 1 ]]; then MAX_CPS_RATES="200 500"; else MAX_CPS_RATES="1000 2000 3000 4000 5000 6000"; fi
+fi
+
+# Callers: the shared CSV (10 000 numbers); preloading only what a run uses keeps
+# --quick quick. Runs of more calls reuse numbers, so then all 10 000 are posted.
+PRELOAD_COUNT=$(( CALLS < 10000 ? CALLS : 10000 ))
+WRK_SECS=10
+[[ $QUICK -eq 1 ]] && WRK_SECS=2
+BG_SECS=20
+[[ $QUICK -eq 1 ]] && BG_SECS=8
+
+need() { command -v "$1" >/dev/null || { echo "run-all.sh: $1 not found ($2)" >&2; exit 1; }; }
+need sipp "apt-get install sip-tester"
+need kamailio "apt-get install kamailio"
+need wrk "apt-get install wrk"
+need python3 "python3"
+need setsid "util-linux"
+[[ $PERF -eq 1 ]] && need perf "apt-get install linux-perf"
+
+SESSION="$BENCH_OUT/sessions/$(date +%Y%m%d-%H%M%S)"
+mkdir -p "$SESSION"
+export BENCH_RESULTS="$SESSION/results.jsonl"
+: > "$BENCH_RESULTS"
+LOG="$SESSION/log.txt"
+T_START=$(date +%s)
+
+say() { echo "[run-all $(date +%H:%M:%S)] $*" | tee -a "$LOG" >&2; }
+
+PRECALL="$ROOT/target/release/precall"
+HTTP_URL="http://127.0.0.1:18080"
+export BENCH_HTTP_URL="$HTTP_URL"
+
+# ------------------------------------------------------------------ processes we start
+STARTED_PID=""   # a precall started by this script (not by run.sh)
+BG_PID=""        # a background run.sh
+
+stop_pid() {
+  local pid="$1" i
+  [[ -n "$pid" ]] || return 0
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+  fi
+  wait "$pid" 2>/dev/null || true
+}
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  stop_pid "$BG_PID"
+  stop_pid "$STARTED_PID"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+port_free_or_die() {
+  local p
+  for p in 5060 5061 5070 5072; do
+    if python3 "$LIB" port-bound "$p"; then
+      echo "run-all.sh: UDP port $p is busy (an earlier run still alive?)" >&2; exit 1
+    fi
+  done
+  # connect_ex is 0 when something accepts on the port
+  if python3 -c 'import socket,sys; sys.exit(socket.socket().connect_ex(("127.0.0.1", 18080)) == 0)'; then :; else
+    echo "run-all.sh: TCP 127.0.0.1:18080 is busy" >&2; exit 1
+  fi
+}
+
+# start_precall CONFIG LOGFILE [ENV=VALUE...]: runs precall in its own session, waits for
+# /readyz; STARTED_PID is its PID.
+start_precall() {
+  local cfg="$1" logf="$2"; shift 2
+  env "$@" setsid "$PRECALL" run -c "$cfg" >"$logf" 2>&1 </dev/null &
+  STARTED_PID=$!
+  local i
+  for i in $(seq 1 150); do
+    if python3 - "$HTTP_URL" <<'EOF' 2>/dev/null
+import sys, urllib.request
+sys.exit(0 if urllib.request.urlopen(sys.argv[1] + "/readyz", timeout=1).status == 200 else 1)
+EOF
+    then return 0; fi
+    kill -0 "$STARTED_PID" 2>/dev/null || { echo "run-all.sh: precall exited:" >&2; tail -5 "$logf" >&2; exit 1; }
+    sleep 0.1
+  done
+  echo "run-all.sh: precall not ready after 15 s" >&2; exit 1
+}
+stop_precall() { stop_pid "$STARTED_PID"; STARTED_PID=""; }
+
+# one_run NAME [run.sh args...]: one shared-harness run; its JSON line lands in results.jsonl
+one_run() {
+  local name="$1"; shift
+  local line
+  if ! line="$("$HARNESS/run.sh" --name "$name" "$@" 2>>"$LOG")"; then
+    say "$name: run.sh FAILED (see $LOG)"
+    return 1
+  fi
+  say "$(python3 bench/report.py --line "$line")"
+}
+
+PRELOAD_HIT="python3 '$ROOT/bench/post_contexts.py' preload \"\$BENCH_CALLERS_CSV\" --count $PRELOAD_COUNT"
+run_kamailio() { one_run kamailio --rate "$RATE" --calls "$CALLS" -- kamailio -f "$HARNESS/kamailio.cfg" -DD -E; }
+run_direct() { one_run direct --rate "$RATE" --calls "$CALLS" --direct; }
+run_hit() {
+  BENCH_PRELOAD="$PRELOAD_HIT" one_run precall-hit --rate "$RATE" --calls "$CALLS" -- "$PRECALL" run -c bench/precall-hit.toml
+}
+run_fallback() { one_run precall-fallback --rate "$RATE" --calls "$CALLS" -- "$PRECALL" run -c bench/precall-fallback.toml; }
+run_held() {
+  # The follower tails this run's UAC trace and posts each context 10 ms after its INVITE
+  # went out; it runs in the background and exits after the last call.
+  BENCH_PRELOAD="setsid python3 '$ROOT/bench/post_contexts.py' follow \"\$BENCH_RUN_DIR\" --calls $CALLS --lag-ms 10 --log \"\$BENCH_RUN_DIR/follow.log\" </dev/null >/dev/null 2>&1 &" \
+    one_run precall-held --rate "$RATE" --calls "$CALLS" -- "$PRECALL" run -c bench/precall-held.toml
+}
+
+# ------------------------------------------------------------------ build
+if [[ $BUILD -eq 1 ]]; then
+  say "cargo build --release"
+  cargo build --release 2>&1 | tail -n 2 | tee -a "$LOG" >&2
+fi
+[[ -x "$PRECALL" ]] || { echo "run-all.sh: $PRECALL missing (drop --no-build)" >&2; exit 1; }
+for cfg in bench/precall-hit.toml bench/precall-fallback.toml bench/precall-held.toml bench/precall-probe.toml; do
+  "$PRECALL" check -c "$cfg" >/dev/null
+done
+port_free_or_die
+say "session $SESSION: rate $RATE cps, $CALLS calls, $ROUNDS round(s)"
+
+# ------------------------------------------------------------------ SIPp runs, alternated
+FAILED=0
+for r in $(seq 1 "$ROUNDS"); do
+  say "round $r/$ROUNDS"
+  # Kamailio and the hit path side by side, their order flipped every round.
+  if (( r % 2 == 1 )); then order=(kamailio hit direct fallback held); else order=(hit kamailio held fallback direct); fi
+  for what in "${order[@]}"; do
+    "run_$what" || FAILED=1
+  done
+done
+
+# ------------------------------------------------------------------ release lag
+say "release lag, low load: $LAG_CALLS sequential held calls"
+start_precall bench/precall-probe.toml "$SESSION/lag-low.log"
+python3 bench/release_lag.py --phase low --calls "$LAG_CALLS" --caller-base 3000000 \
+  | tee -a "$BENCH_RESULTS" >&2 || FAILED=1
+stop_precall
+
+say "release lag, high load: the same during a $BG_RATE cps SIPp hit load"
+BG_CALLS=$(( BG_RATE * BG_SECS ))
+BENCH_PRELOAD="python3 '$ROOT/bench/post_contexts.py' preload \"\$BENCH_CALLERS_CSV\"" \
+  "$HARNESS/run.sh" --name precall-hit-bg --rate "$BG_RATE" --calls "$BG_CALLS" \
+  -- "$PRECALL" run -c bench/precall-probe.toml >"$SESSION/bg.json" 2>>"$LOG" &
+BG_PID=$!
+# wait until the UAC is up (its port bound), then one more second of load
+for i in $(seq 1 600); do
+  python3 "$LIB" port-bound 5061 && break
+  kill -0 "$BG_PID" 2>/dev/null || break
+  sleep 0.1
+done
+sleep 1
+if kill -0 "$BG_PID" 2>/dev/null; then
+  python3 bench/release_lag.py --phase high --calls "$LAG_CALLS" --caller-base 4000000 \
+    | tee -a "$BENCH_RESULTS" >&2 || FAILED=1
+  if ! python3 "$LIB" port-bound 5061; then
+    say "WARNING: the background load ended before the probe did; raise --bg-rate duration"
+  fi
+else
+  say "background load did not start (see $LOG)"; FAILED=1
+fi
+wait "$BG_PID" || FAILED=1
+BG_PID=""
+
+# ------------------------------------------------------------------ webhook ingest
+say "webhook ingest: wrk -t2 -c32 -d${WRK_SECS}s"
+start_precall bench/precall-hit.toml "$SESSION/webhook.log"
+CPU0="$(python3 "$LIB" cpu "$STARTED_PID" | cut -d' ' -f1)"
+WRK_LINE="$(WEBHOOK_BASE=5000000 wrk -t2 -c32 -d"${WRK_SECS}s" --latency -s bench/webhook.lua "$HTTP_URL" -- 2 \
+  | tee "$SESSION/wrk.txt" | grep '^{' || true)"
+CPU1="$(python3 "$LIB" cpu "$STARTED_PID" | cut -d' ' -f1)"
+if [[ -n "$WRK_LINE" ]]; then
+  python3 -c 'import json,sys; r=json.loads(sys.argv[1]); cpu=float(sys.argv[3])-float(sys.argv[2]); r.update(name="webhook-ingest", proxy_cpu_s=round(cpu,3), cpu_us_per_request=round(cpu*1e6/max(1,r["requests"]),1), concurrency=32); print(json.dumps(r))' \
+    "$WRK_LINE" "$CPU0" "$CPU1" | tee -a "$BENCH_RESULTS" >&2
+else
+  say "wrk printed no summary (see $SESSION/wrk.txt)"; FAILED=1
+fi
+stop_precall
+
+# ------------------------------------------------------------------ memory
+say "memory: $HELD_CALLS calls held at once"
+start_precall bench/precall-probe.toml "$SESSION/memory-held.log"
+python3 bench/memory.py held --pid "$STARTED_PID" --calls "$HELD_CALLS" \
+  | tee -a "$BENCH_RESULTS" >&2 || FAILED=1
+stop_precall
+
+if [[ $MEMORY -eq 1 ]]; then
+  # At the default info level precall logs a line per webhook: 1 M lines is ~250 MB of
+  # log, so this one run logs warnings only.
+  say "memory: 1000000 cached contexts of ~200 bytes (wrk)"
+  start_precall bench/precall-probe.toml "$SESSION/memory-contexts.log" RUST_LOG=warn
+  python3 bench/memory.py contexts --pid "$STARTED_PID" --count 1000000 \
+    | tee -a "$BENCH_RESULTS" >&2 || FAILED=1
+  stop_precall
+fi
+
+# ------------------------------------------------------------------ max CPS
+if [[ $MAX_CPS -eq 1 ]]; then
+  for what in kamailio precall-hit; do
+    say "max CPS: $what, rates $MAX_CPS_RATES"
+    if [[ $what == kamailio ]]; then
+      cmd=(kamailio -f "$HARNESS/kamailio.cfg" -DD -E); pre=""
+    else
+      cmd=("$PRECALL" run -c bench/precall-hit.toml)
+      pre="python3 '$ROOT/bench/post_contexts.py' preload \"\$BENCH_CALLERS_CSV\""
+    fi
+    line="$(BENCH_PRELOAD="$pre" "$HARNESS/max_cps.sh" --name "$what" --rates "$MAX_CPS_RATES" -- "${cmd[@]}" 2>>"$LOG")" || FAILED=1
+    # max_cps.sh appends its summary to results.jsonl itself
+    say "$(python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print("%s: max %s cps (%s)" % (r["name"], r["max_cps"], r["stop_reason"]))' "$line" 2>/dev/null || echo "$what: no summary")"
+  done
+fi
+
+# ------------------------------------------------------------------ perf profile
+if [[ $PERF -eq 1 ]]; then
+  say "perf: profiling precall on the hit path (not part of the table)"
+  BENCH_PRELOAD="$PRELOAD_HIT" BENCH_RESULTS="" \
+    "$HARNESS/run.sh" --name precall-hit-perf --rate "$RATE" --calls "$CALLS" \
+    -- perf record -F 2999 --call-graph dwarf,32768 -o "$SESSION/perf.data" -- "$PRECALL" run -c bench/precall-hit.toml \
+    >/dev/null 2>>"$LOG" || FAILED=1
+  perf report -i "$SESSION/perf.data" --stdio --no-children --percent-limit 0.5 \
+    --sort dso,symbol -g none 2>/dev/null > "$SESSION/perf-report.txt" || true
+  say "perf report: $SESSION/perf-report.txt"
+fi
+
+# ------------------------------------------------------------------ report
+ELAPSED=$(( $(date +%s) - T_START ))
+python3 bench/report.py "$SESSION" --elapsed "$ELAPSED" --quick "$QUICK"
+say "done in ${ELAPSED}s; results in $SESSION"
+exit "$FAILED"
