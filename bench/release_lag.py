@@ -249,6 +249,7 @@ def main():
 
     probe = Probe(a)
     lags, totals, rtts, statuses, errors = [], [], [], {}, {}
+    failed_in_a_row = 0
     t0 = time.monotonic()
     for i in range(a.warmup + a.calls):
         number = f"+1555{a.caller_base + i:07d}"
@@ -259,7 +260,12 @@ def main():
             if probe.conn is not None:
                 probe.conn.close()
                 probe.conn = None
+            failed_in_a_row += 1
+            if failed_in_a_row >= 10:
+                errors["aborted: 10 calls in a row failed"] = 1
+                break
             continue
+        failed_in_a_row = 0
         if i < a.warmup:
             continue
         statuses[status] = statuses.get(status, 0) + 1

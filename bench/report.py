@@ -145,7 +145,8 @@ def build(session, elapsed, quick):
         rs = runs[name]
         if not rs:
             continue
-        row = {"name": name, "rounds": len(rs),
+        row = {"name": name, "rounds": len(rs), "rate": rs[0].get("rate"),
+               "calls_per_run": rs[0].get("calls"),
                "ok": sum(r.get("ok") or 0 for r in rs),
                "calls": sum(r.get("calls") or 0 for r in rs),
                "failed": sum(r.get("failed") or 0 for r in rs),
@@ -218,12 +219,15 @@ def build(session, elapsed, quick):
 def markdown(rep):
     out = []
     m = rep["machine"]
-    rate = calls = None
-    for t in rep["sipp_runs"]:
-        pass
     out.append(f"Machine: {m.get('nproc')} vCPU {m.get('cpu', '?')}, {m.get('mem_gib', '?')} GiB, "
                f"kernel {m.get('kernel')}, Debian {m.get('debian', '?')}; {m.get('sipp', 'sipp ?')}; "
                f"{m.get('kamailio', 'kamailio ?')}; load average at the end {m.get('loadavg')}.")
+    if rep["sipp_runs"]:
+        t0 = rep["sipp_runs"][0]
+        out.append("")
+        out.append(f"Load: SIPp UAC → proxy → SIPp UAS over UDP on 127.0.0.1, {t0['rate']} cps, "
+                   f"{t0['calls_per_run']} calls per run, {t0['rounds']} round(s) alternating "
+                   f"Kamailio and precall; Kamailio 2 UDP workers, precall one process.")
     out.append("")
     out.append("| run | ok / calls | CPU µs/call | ×Kam | setup p50 ms | ×Kam | setup p99 ms | ×Kam "
                "| RSS peak MiB | ×Kam | PSS peak MiB | outcome |")
@@ -257,7 +261,8 @@ def markdown(rep):
         out.append("|---|---|---|---|---|---|")
         for r in rep["release_lag"]:
             lag, tot, rtt = r.get("lag_ms") or {}, r.get("post_to_invite_ms") or {}, r.get("post_to_202_ms") or {}
-            out.append(f"| {r['name']} | {r['measured']} | {r['statuses']} | "
+            outcome = ", ".join(f"{k} {v}" for k, v in sorted((r.get("statuses") or {}).items()))
+            out.append(f"| {r['name']} | {r['measured']} | {outcome} | "
                        f"{fmt(lag.get('p50'))} / {fmt(lag.get('p99'))} / {fmt(lag.get('max'))} | "
                        f"{fmt(tot.get('p50'))} / {fmt(tot.get('p99'))} | {fmt(rtt.get('p50'))} / {fmt(rtt.get('p99'))} |")
         out.append("")
@@ -297,6 +302,29 @@ def markdown(rep):
     return "\n".join(out) + "\n"
 
 
+def problems(rep):
+    """What makes a session not a working run (used by --check; the numbers are not judged)."""
+    out = []
+    for t in rep["sipp_runs"]:
+        if t["calls"] and t["ok"] < 0.9 * t["calls"]:
+            out.append(f"{t['name']}: only {t['ok']} of {t['calls']} calls completed")
+        mix = t.get("status_mix") or {}
+        expected = {"precall-hit": "hit", "precall-fallback": "fallback", "precall-held": "waited"}
+        want = expected.get(t["name"])
+        if want and mix.get(want, 0) < 0.9 * t["ok"]:
+            out.append(f"{t['name']}: outcomes {mix}, expected mostly {want}")
+    for r in rep["release_lag"]:
+        if not r.get("measured") or r.get("errors"):
+            out.append(f"{r['name']}: measured {r.get('measured')}, errors {r.get('errors')}")
+    w = rep.get("webhook_ingest")
+    if w and (not w["requests"] or w["errors_4xx_5xx"] or w["not_202"]):
+        out.append(f"webhook-ingest: {w['requests']} requests, {w['errors_4xx_5xx']} errors")
+    for r in rep["memory"]:
+        if r["name"] == "memory-held" and r["held"] != r["calls"]:
+            out.append(f"memory-held: {r['held']} of {r['calls']} calls held")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -304,6 +332,8 @@ def main():
     ap.add_argument("--elapsed", type=int, default=0)
     ap.add_argument("--quick", type=int, default=0)
     ap.add_argument("--line", help="print one progress line for a run.sh result")
+    ap.add_argument("--check", action="store_true",
+                    help="exit 1 when a part did not work (calls failing, wrong outcomes)")
     a = ap.parse_args()
     if a.line:
         r = json.loads(a.line)
@@ -320,6 +350,11 @@ def main():
     with open(os.path.join(a.session, "report.md"), "w") as f:
         f.write(md)
     sys.stdout.write(md)
+    if a.check:
+        found = problems(rep)
+        for p in found:
+            print(f"CHECK FAILED: {p}", file=sys.stderr)
+        return 1 if found else 0
     return 0
 
 

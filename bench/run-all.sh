@@ -25,6 +25,9 @@
 #   --bg-rate        SIPp hit load during the high-load lag phase (default 1000 cps)
 #   --held-calls     calls held at once for the memory figure (default 10000)
 #   --no-build       use the existing target/release/precall
+#   --only LIST      only these parts, comma-separated: runs, lag, webhook, held,
+#                    memory, maxcps, perf (default: runs,lag,webhook,held plus the
+#                    ones asked for with --memory, --max-cps, --perf)
 #
 # Run from anywhere; paths are relative to the repository root. The shared harness is
 # ../shared/bench beside the repository (BENCH_HARNESS overrides). Results go to
@@ -57,9 +60,10 @@ LAG_CALLS=1000
 BG_RATE=1000
 HELD_CALLS=10000
 BUILD=1
+ONLY=""
 SET_RATE="" SET_CALLS="" SET_ROUNDS="" SET_LAG="" SET_BG="" SET_HELD=""
 
-usage() { sed -n '2,32p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,35p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --quick) QUICK=1; shift ;;
@@ -74,6 +78,7 @@ while [[ $# -gt 0 ]]; do
     --bg-rate) SET_BG="$2"; shift 2 ;;
     --held-calls) SET_HELD="$2"; shift 2 ;;
     --no-build) BUILD=0; shift ;;
+    --only) ONLY="$2"; shift 2 ;;
     -h|--help) usage ;;
     *) echo "run-all.sh: unknown argument: $1" >&2; usage ;;
   esac
@@ -86,6 +91,12 @@ LAG_CALLS="${SET_LAG:-$LAG_CALLS}" BG_RATE="${SET_BG:-$BG_RATE}" HELD_CALLS="${S
 for v in RATE CALLS ROUNDS LAG_CALLS BG_RATE HELD_CALLS; do
   [[ "${!v}" =~ ^[0-9]+$ && "${!v}" -gt 0 ]] || { echo "run-all.sh: bad ${v,,}: ${!v}" >&2; exit 2; }
 done
+PARTS="runs,lag,webhook,held"
+[[ $MEMORY -eq 1 ]] && PARTS+=",memory"
+[[ $MAX_CPS -eq 1 ]] && PARTS+=",maxcps"
+[[ $PERF -eq 1 ]] && PARTS+=",perf"
+[[ -n "$ONLY" ]] && PARTS="$ONLY"
+want() { [[ ",$PARTS," == *",$1,"* ]]; }
 if [[ -z "$MAX_CPS_RATES" ]]; then
   if [[ $QUICK -eq 1 ]]; then MAX_CPS_RATES="200 500"; else MAX_CPS_RATES="1000 2000 3000 4000 5000 6000"; fi
 fi
@@ -104,7 +115,7 @@ need kamailio "apt-get install kamailio"
 need wrk "apt-get install wrk"
 need python3 "python3"
 need setsid "util-linux"
-[[ $PERF -eq 1 ]] && need perf "apt-get install linux-perf"
+want perf && need perf "apt-get install linux-perf"
 
 SESSION="$BENCH_OUT/sessions/$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$SESSION"
@@ -123,13 +134,20 @@ export BENCH_HTTP_URL="$HTTP_URL"
 STARTED_PID=""   # a precall started by this script (not by run.sh)
 BG_PID=""        # a background run.sh
 
+# alive PID: running (a zombie, which `kill -0` still accepts, is not)
+alive() {
+  local state
+  state="$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)" || return 1
+  [[ -n "$state" && "$state" != Z ]]
+}
+
 stop_pid() {
   local pid="$1" i
   [[ -n "$pid" ]] || return 0
-  if kill -0 "$pid" 2>/dev/null; then
+  if alive "$pid"; then
     kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+    for i in $(seq 1 50); do alive "$pid" || break; sleep 0.1; done
+    alive "$pid" && kill -KILL "$pid" 2>/dev/null || true
   fi
   wait "$pid" 2>/dev/null || true
 }
@@ -157,23 +175,30 @@ port_free_or_die() {
   fi
 }
 
-# start_precall CONFIG LOGFILE [ENV=VALUE...]: runs precall in its own session, waits for
-# /readyz; STARTED_PID is its PID.
+# start_precall CONFIG LOGFILE [ENV=VALUE...]: runs precall in its own session and waits
+# until it logs "precall ready" (every socket bound) and answers /readyz; STARTED_PID is
+# its PID. A start that fails (a port still held by a process on its way out) is retried.
 start_precall() {
   local cfg="$1" logf="$2"; shift 2
-  env "$@" setsid "$PRECALL" run -c "$cfg" >"$logf" 2>&1 </dev/null &
-  STARTED_PID=$!
-  local i
-  for i in $(seq 1 150); do
-    if python3 - "$HTTP_URL" <<'EOF' 2>/dev/null
+  local attempt i
+  for attempt in 1 2 3; do
+    env "$@" setsid "$PRECALL" run -c "$cfg" >"$logf" 2>&1 </dev/null &
+    STARTED_PID=$!
+    for i in $(seq 1 150); do
+      alive "$STARTED_PID" || break
+      if grep -q "precall ready" "$logf" && python3 - "$HTTP_URL" <<'EOF' 2>/dev/null
 import sys, urllib.request
 sys.exit(0 if urllib.request.urlopen(sys.argv[1] + "/readyz", timeout=1).status == 200 else 1)
 EOF
-    then return 0; fi
-    kill -0 "$STARTED_PID" 2>/dev/null || { echo "run-all.sh: precall exited:" >&2; tail -5 "$logf" >&2; exit 1; }
-    sleep 0.1
+      then return 0; fi
+      sleep 0.1
+    done
+    say "precall did not start (attempt $attempt): $(tail -n 1 "$logf")"
+    stop_pid "$STARTED_PID"; STARTED_PID=""
+    sleep 2
   done
-  echo "run-all.sh: precall not ready after 15 s" >&2; exit 1
+  echo "run-all.sh: precall would not start; see $logf" >&2
+  exit 1
 }
 stop_precall() { stop_pid "$STARTED_PID"; STARTED_PID=""; }
 
@@ -216,7 +241,7 @@ say "session $SESSION: rate $RATE cps, $CALLS calls, $ROUNDS round(s)"
 
 # ------------------------------------------------------------------ SIPp runs, alternated
 FAILED=0
-for r in $(seq 1 "$ROUNDS"); do
+want runs && for r in $(seq 1 "$ROUNDS"); do
   say "round $r/$ROUNDS"
   # Kamailio and the hit path side by side, their order flipped every round.
   if (( r % 2 == 1 )); then order=(kamailio hit direct fallback held); else order=(hit kamailio held fallback direct); fi
@@ -226,6 +251,7 @@ for r in $(seq 1 "$ROUNDS"); do
 done
 
 # ------------------------------------------------------------------ release lag
+if want lag; then
 say "release lag, low load: $LAG_CALLS sequential held calls"
 start_precall bench/precall-probe.toml "$SESSION/lag-low.log"
 python3 bench/release_lag.py --phase low --calls "$LAG_CALLS" --caller-base 3000000 \
@@ -256,8 +282,10 @@ else
 fi
 wait "$BG_PID" || FAILED=1
 BG_PID=""
+fi
 
 # ------------------------------------------------------------------ webhook ingest
+if want webhook; then
 say "webhook ingest: wrk -t2 -c32 -d${WRK_SECS}s"
 start_precall bench/precall-hit.toml "$SESSION/webhook.log"
 CPU0="$(python3 "$LIB" cpu "$STARTED_PID" | cut -d' ' -f1)"
@@ -271,15 +299,18 @@ else
   say "wrk printed no summary (see $SESSION/wrk.txt)"; FAILED=1
 fi
 stop_precall
+fi
 
 # ------------------------------------------------------------------ memory
+if want held; then
 say "memory: $HELD_CALLS calls held at once"
 start_precall bench/precall-probe.toml "$SESSION/memory-held.log"
 python3 bench/memory.py held --pid "$STARTED_PID" --calls "$HELD_CALLS" \
   | tee -a "$BENCH_RESULTS" >&2 || FAILED=1
 stop_precall
+fi
 
-if [[ $MEMORY -eq 1 ]]; then
+if want memory; then
   # At the default info level precall logs a line per webhook: 1 M lines is ~250 MB of
   # log, so this one run logs warnings only.
   say "memory: 1000000 cached contexts of ~200 bytes (wrk)"
@@ -290,7 +321,7 @@ if [[ $MEMORY -eq 1 ]]; then
 fi
 
 # ------------------------------------------------------------------ max CPS
-if [[ $MAX_CPS -eq 1 ]]; then
+if want maxcps; then
   for what in kamailio precall-hit; do
     say "max CPS: $what, rates $MAX_CPS_RATES"
     if [[ $what == kamailio ]]; then
@@ -306,19 +337,35 @@ if [[ $MAX_CPS -eq 1 ]]; then
 fi
 
 # ------------------------------------------------------------------ perf profile
-if [[ $PERF -eq 1 ]]; then
-  say "perf: profiling precall on the hit path (not part of the table)"
+if want perf; then
+  # perf attaches to the running proxy for the load phase only (not start-up, not the
+  # preload), so the profile is what a call costs. This run is not part of the table.
+  say "perf: profiling precall on the hit path during the load (not part of the table)"
   BENCH_PRELOAD="$PRELOAD_HIT" BENCH_RESULTS="" \
     "$HARNESS/run.sh" --name precall-hit-perf --rate "$RATE" --calls "$CALLS" \
-    -- perf record -F 2999 --call-graph dwarf,32768 -o "$SESSION/perf.data" -- "$PRECALL" run -c bench/precall-hit.toml \
-    >/dev/null 2>>"$LOG" || FAILED=1
-  perf report -i "$SESSION/perf.data" --stdio --no-children --percent-limit 0.5 \
-    --sort dso,symbol -g none 2>/dev/null > "$SESSION/perf-report.txt" || true
-  say "perf report: $SESSION/perf-report.txt"
+    -- "$PRECALL" run -c bench/precall-hit.toml >/dev/null 2>>"$LOG" &
+  BG_PID=$!
+  for i in $(seq 1 600); do
+    python3 "$LIB" port-bound 5061 && break
+    kill -0 "$BG_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  if PROXY_PID="$(python3 bench/pid_of_port.py 5060)"; then
+    PERF_SECS=$(( CALLS / RATE > 2 ? CALLS / RATE - 1 : 1 ))
+    perf record -F 1999 --call-graph dwarf,16384 -o "$SESSION/perf.data" -p "$PROXY_PID" \
+      -- sleep "$PERF_SECS" >>"$LOG" 2>&1 || FAILED=1
+    perf report -i "$SESSION/perf.data" --stdio --children --sort symbol -g none \
+      --percent-limit 0.5 2>/dev/null > "$SESSION/perf-report.txt" || true
+    say "perf report (inclusive %, by symbol): $SESSION/perf-report.txt"
+  else
+    say "perf: no proxy found on UDP 5060"; FAILED=1
+  fi
+  wait "$BG_PID" || FAILED=1
+  BG_PID=""
 fi
 
 # ------------------------------------------------------------------ report
 ELAPSED=$(( $(date +%s) - T_START ))
-python3 bench/report.py "$SESSION" --elapsed "$ELAPSED" --quick "$QUICK"
+python3 bench/report.py "$SESSION" --elapsed "$ELAPSED" --quick "$QUICK" --check || FAILED=1
 say "done in ${ELAPSED}s; results in $SESSION"
 exit "$FAILED"
