@@ -162,13 +162,26 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-port_free_or_die() {
-  local p
-  for p in 5060 5061 5070 5072; do
-    if python3 "$LIB" port-bound "$p"; then
-      echo "run-all.sh: UDP port $p is busy (an earlier run still alive?)" >&2; exit 1
-    fi
+# The shared run.sh refuses to start while any UDP socket has port 5060, 5061 or 5070,
+# whatever its address, and other people's tests on this machine bind such ports on
+# other loopback addresses (127.0.0.2:5060 ...) for a few seconds: wait for them.
+wait_ports_free() {
+  local i p busy
+  for i in $(seq 1 120); do
+    busy=""
+    for p in 5060 5061 5070 5072; do
+      python3 "$LIB" port-bound "$p" && busy+=" $p"
+    done
+    [[ -z "$busy" ]] && return 0
+    [[ $i -eq 1 ]] && say "waiting for UDP port(s)$busy to be free"
+    sleep 0.5
   done
+  say "UDP port(s)$busy still busy after 60 s"
+  return 1
+}
+
+port_free_or_die() {
+  wait_ports_free || { echo "run-all.sh: UDP ports busy (an earlier run still alive?)" >&2; exit 1; }
   # connect_ex is 0 when something accepts on the port
   if python3 -c 'import socket,sys; sys.exit(socket.socket().connect_ex(("127.0.0.1", 18080)) == 0)'; then :; else
     echo "run-all.sh: TCP 127.0.0.1:18080 is busy" >&2; exit 1
@@ -176,17 +189,17 @@ port_free_or_die() {
 }
 
 # start_precall CONFIG LOGFILE [ENV=VALUE...]: runs precall in its own session and waits
-# until it logs "precall ready" (every socket bound) and answers /readyz; STARTED_PID is
-# its PID. A start that fails (a port still held by a process on its way out) is retried.
+# until it answers /readyz and holds UDP 5060 itself; STARTED_PID is its PID. A start that fails (a port still held by a process on its way out) is retried.
 start_precall() {
   local cfg="$1" logf="$2"; shift 2
   local attempt i
   for attempt in 1 2 3; do
+    wait_ports_free
     env "$@" setsid "$PRECALL" run -c "$cfg" >"$logf" 2>&1 </dev/null &
     STARTED_PID=$!
     for i in $(seq 1 150); do
       alive "$STARTED_PID" || break
-      if grep -q "precall ready" "$logf" && python3 - "$HTTP_URL" <<'EOF' 2>/dev/null
+      if python3 - "$HTTP_URL" <<'EOF' 2>/dev/null && [[ "$(python3 bench/pid_of_port.py 5060)" == "$STARTED_PID" ]]
 import sys, urllib.request
 sys.exit(0 if urllib.request.urlopen(sys.argv[1] + "/readyz", timeout=1).status == 200 else 1)
 EOF
@@ -205,11 +218,15 @@ stop_precall() { stop_pid "$STARTED_PID"; STARTED_PID=""; }
 # one_run NAME [run.sh args...]: one shared-harness run; its JSON line lands in results.jsonl
 one_run() {
   local name="$1"; shift
-  local line
-  if ! line="$("$HARNESS/run.sh" --name "$name" "$@" 2>>"$LOG")"; then
-    say "$name: run.sh FAILED (see $LOG)"
-    return 1
-  fi
+  local line attempt
+  for attempt in 1 2; do
+    wait_ports_free || true
+    if line="$("$HARNESS/run.sh" --name "$name" "$@" 2>>"$LOG")"; then
+      break
+    fi
+    say "$name: run.sh failed (attempt $attempt; see $LOG)"
+    [[ $attempt -eq 2 ]] && return 1
+  done
   say "$(python3 bench/report.py --line "$line")"
 }
 
@@ -260,6 +277,7 @@ stop_precall
 
 say "release lag, high load: the same during a $BG_RATE cps SIPp hit load"
 BG_CALLS=$(( BG_RATE * BG_SECS ))
+wait_ports_free || true
 BENCH_PRELOAD="python3 '$ROOT/bench/post_contexts.py' preload \"\$BENCH_CALLERS_CSV\"" \
   "$HARNESS/run.sh" --name precall-hit-bg --rate "$BG_RATE" --calls "$BG_CALLS" \
   -- "$PRECALL" run -c bench/precall-probe.toml >"$SESSION/bg.json" 2>>"$LOG" &
@@ -330,6 +348,7 @@ if want maxcps; then
       cmd=("$PRECALL" run -c bench/precall-hit.toml)
       pre="python3 '$ROOT/bench/post_contexts.py' preload \"\$BENCH_CALLERS_CSV\""
     fi
+    wait_ports_free || true
     line="$(BENCH_PRELOAD="$pre" "$HARNESS/max_cps.sh" --name "$what" --rates "$MAX_CPS_RATES" -- "${cmd[@]}" 2>>"$LOG")" || FAILED=1
     # max_cps.sh appends its summary to results.jsonl itself
     say "$(python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print("%s: max %s cps (%s)" % (r["name"], r["max_cps"], r["stop_reason"]))' "$line" 2>/dev/null || echo "$what: no summary")"
@@ -341,6 +360,7 @@ if want perf; then
   # perf attaches to the running proxy for the load phase only (not start-up, not the
   # preload), so the profile is what a call costs. This run is not part of the table.
   say "perf: profiling precall on the hit path during the load (not part of the table)"
+  wait_ports_free || true
   BENCH_PRELOAD="$PRELOAD_HIT" BENCH_RESULTS="" \
     "$HARNESS/run.sh" --name precall-hit-perf --rate "$RATE" --calls "$CALLS" \
     -- "$PRECALL" run -c bench/precall-hit.toml >/dev/null 2>>"$LOG" &
