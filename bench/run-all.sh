@@ -98,7 +98,7 @@ PARTS="runs,lag,webhook,held"
 [[ -n "$ONLY" ]] && PARTS="$ONLY"
 want() { [[ ",$PARTS," == *",$1,"* ]]; }
 if [[ -z "$MAX_CPS_RATES" ]]; then
-  if [[ $QUICK -eq 1 ]]; then MAX_CPS_RATES="200 500"; else MAX_CPS_RATES="1000 2000 3000 4000 5000 6000"; fi
+  if [[ $QUICK -eq 1 ]]; then MAX_CPS_RATES="200 500"; else MAX_CPS_RATES="1000 1500 2000 2500 3000 3500 4000 5000 6000"; fi
 fi
 
 # Callers: the shared CSV (10 000 numbers); preloading only what a run uses keeps
@@ -340,18 +340,56 @@ fi
 
 # ------------------------------------------------------------------ max CPS
 if want maxcps; then
+  # The shared max_cps.sh is run one rate at a time, Kamailio and precall alternating at
+  # each rate (the machine's noise then hits both), and a step that could not start
+  # (ports briefly held by someone else's test) is retried instead of ending the climb.
+  # Each side stops at its first failing rate; the steps are then put together into one
+  # max_cps line per side, like max_cps.sh's own.
+  say "max CPS: kamailio and precall-hit, alternating, rates $MAX_CPS_RATES"
+  declare -A climbing=([kamailio]=1 [precall-hit]=1)
+  for what in kamailio precall-hit; do : > "$SESSION/maxcps-$what.jsonl"; done
+  for rate in $MAX_CPS_RATES; do
+    for what in kamailio precall-hit; do
+      [[ ${climbing[$what]} -eq 1 ]] || continue
+      if [[ $what == kamailio ]]; then
+        cmd=(kamailio -f "$HARNESS/kamailio.cfg" -DD -E); pre=""
+      else
+        cmd=("$PRECALL" run -c bench/precall-hit.toml)
+        pre="python3 '$ROOT/bench/post_contexts.py' preload \"\$BENCH_CALLERS_CSV\""
+      fi
+      line=""
+      for attempt in 1 2 3; do
+        wait_ports_free || true
+        line="$(BENCH_RESULTS="" BENCH_PRELOAD="$pre" "$HARNESS/max_cps.sh" --name "$what" --rates "$rate" -- "${cmd[@]}" 2>>"$LOG")" || true
+        [[ "$line" == *'"run.sh failed'* || -z "$line" ]] || break
+        say "max CPS $what at $rate cps: the run did not start (attempt $attempt)"
+      done
+      echo "$line" >> "$SESSION/maxcps-$what.jsonl"
+      verdict="$(python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print(r["steps"][-1]["verdict"] if r["steps"] else r["stop_reason"])' "$line" 2>/dev/null || echo "no result")"
+      say "max CPS $what at $rate cps: $verdict"
+      [[ "$verdict" == PASS ]] || climbing[$what]=0
+    done
+    [[ ${climbing[kamailio]} -eq 1 || ${climbing[precall-hit]} -eq 1 ]] || break
+  done
   for what in kamailio precall-hit; do
-    say "max CPS: $what, rates $MAX_CPS_RATES"
-    if [[ $what == kamailio ]]; then
-      cmd=(kamailio -f "$HARNESS/kamailio.cfg" -DD -E); pre=""
-    else
-      cmd=("$PRECALL" run -c bench/precall-hit.toml)
-      pre="python3 '$ROOT/bench/post_contexts.py' preload \"\$BENCH_CALLERS_CSV\""
-    fi
-    wait_ports_free || true
-    line="$(BENCH_PRELOAD="$pre" "$HARNESS/max_cps.sh" --name "$what" --rates "$MAX_CPS_RATES" -- "${cmd[@]}" 2>>"$LOG")" || FAILED=1
-    # max_cps.sh appends its summary to results.jsonl itself
-    say "$(python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print("%s: max %s cps (%s)" % (r["name"], r["max_cps"], r["stop_reason"]))' "$line" 2>/dev/null || echo "$what: no summary")"
+    python3 - "$what" "$SESSION/maxcps-$what.jsonl" <<'EOF' | tee -a "$BENCH_RESULTS" >/dev/null
+import json, sys, time
+name, path = sys.argv[1], sys.argv[2]
+steps, best, stop, criteria = [], 0, "all steps passed", None
+for line in open(path):
+    if not line.startswith("{"):
+        continue
+    r = json.loads(line)
+    criteria = r.get("criteria", criteria)
+    steps += r["steps"]
+    if r["max_cps"] and r["max_cps"] > best and all(s["verdict"] == "PASS" for s in steps):
+        best = r["max_cps"]
+    if r["stop_reason"] != "all steps passed":
+        stop = r["stop_reason"]
+print(json.dumps({"name": name, "kind": "max_cps", "max_cps": best, "criteria": criteria,
+                  "stop_reason": stop, "steps": steps, "ts": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+EOF
+    say "$what: max $(tail -n 1 "$BENCH_RESULTS" | python3 -c 'import json,sys; print(json.load(sys.stdin)["max_cps"])') cps"
   done
 fi
 
