@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use futures_util::FutureExt;
 use serde_json::{json, Map, Value};
 
 use precall::agent::{self, Agents};
@@ -21,6 +22,8 @@ use precall::inject::{self, Status};
 use precall::number;
 use precall::sip::parse::parse_datagram;
 use precall::sip::proxy::{Listener, Output, Peer, Proxy, Settled};
+use precall::store::memory::MemoryStore;
+use precall::store::{CallerKey, Claim, Contexts};
 
 /// The bench config: one agent, as in `bench/precall-hit.toml`.
 const CONFIG: &str = r#"
@@ -311,6 +314,39 @@ fn bench_inject(c: &mut Criterion) {
     g.finish();
 }
 
+/// The store side of a hit: what the shell's `Output::Lookup` costs for a cached caller
+/// (register a watch, read the store, close the watch), and a webhook's publish. The
+/// memory store answers without awaiting, so `now_or_never` drives it without a runtime.
+fn bench_store(c: &mut Criterion) {
+    let store = Arc::new(MemoryStore::new());
+    let contexts = Contexts::new(store, false, Duration::from_secs(3600));
+    let ctx = Arc::new(context());
+    let key = CallerKey {
+        agent: "bench-agent".to_string(),
+        number: number::E164("+15552000042".to_string()),
+    };
+    let published = contexts.publish(&key, Arc::clone(&ctx)).now_or_never();
+    assert!(
+        matches!(published, Some(Ok(_))),
+        "memory store publishes at once"
+    );
+    let mut g = c.benchmark_group("store");
+    g.bench_function("claim_hit", |b| {
+        b.iter(|| match contexts.claim(black_box(&key)).now_or_never() {
+            Some(Ok(Claim::Hit(found))) => black_box(found),
+            _ => unreachable!("the context was published above"),
+        })
+    });
+    g.bench_function("publish_no_waiter", |b| {
+        b.iter(|| {
+            contexts
+                .publish(black_box(&key), Arc::clone(&ctx))
+                .now_or_never()
+        })
+    });
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_millis(500))
@@ -321,6 +357,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_parse, bench_proxy, bench_route, bench_number, bench_inject
+    targets = bench_parse, bench_proxy, bench_route, bench_number, bench_inject, bench_store
 }
 criterion_main!(benches);
