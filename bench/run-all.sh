@@ -13,6 +13,7 @@
 # usage: bench/run-all.sh [--quick] [--rate CPS] [--calls N] [--rounds N] [--max-cps]
 #                         [--max-cps-rates "1000 2000 ..."] [--memory] [--perf]
 #                         [--lag-calls N] [--bg-rate CPS] [--held-calls N] [--no-build]
+#                         [--only PARTS]
 #
 #   --quick          small counts (a CI smoke run: checks that everything still works)
 #   --rate, --calls  SIPp load per run (default 500 cps, 10000 calls)
@@ -33,7 +34,7 @@
 # ../shared/bench beside the repository (BENCH_HARNESS overrides). Results go to
 # BENCH_OUT (default target/bench): runs/ holds each run's logs, and
 # sessions/<timestamp>/ this invocation's results.jsonl, report.md and report.json.
-# Uses UDP 5060/5061/5070/5072 and TCP 18080 on 127.0.0.1; refuses to start when busy.
+# Uses UDP 5060/5061/5070/5072 and TCP 18080 on 127.0.0.1 (waits while the UDP ones are busy).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -63,7 +64,7 @@ BUILD=1
 ONLY=""
 SET_RATE="" SET_CALLS="" SET_ROUNDS="" SET_LAG="" SET_BG="" SET_HELD=""
 
-usage() { sed -n '2,35p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,37p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --quick) QUICK=1; shift ;;
