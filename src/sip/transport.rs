@@ -920,12 +920,20 @@ fn transmit(
             warn!(to = %t.to, "no UDP socket to send from");
             return;
         };
-        match sock.try_send_to(&t.bytes, t.to) {
+        let sent = match sock.try_send_to(&t.bytes, t.to) {
+            Err(e) if reports_earlier_error(&e) => sock.try_send_to(&t.bytes, t.to),
+            sent => sent,
+        };
+        match sent {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 let sock = Arc::clone(sock);
                 tokio::spawn(async move {
-                    if let Err(error) = sock.send_to(&t.bytes, t.to).await {
+                    let sent = match sock.send_to(&t.bytes, t.to).await {
+                        Err(e) if reports_earlier_error(&e) => sock.send_to(&t.bytes, t.to).await,
+                        sent => sent,
+                    };
+                    if let Err(error) = sent {
                         debug!(%error, to = %t.to, "UDP send failed");
                     }
                 });
@@ -1029,6 +1037,22 @@ fn transmit(
     });
 }
 
+/// Whether a failed UDP send may only have reported an ICMP error for an earlier datagram
+/// (to another peer): Linux hands a pending socket error to the next send (`sock_error`),
+/// which fails without sending and clears it, so the datagram is sent once more.
+fn reports_earlier_error(error: &io::Error) -> bool {
+    let earlier = matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::HostUnreachable
+            | io::ErrorKind::NetworkUnreachable
+    );
+    if earlier {
+        debug!(%error, "a UDP send reported an earlier ICMP error; sending again");
+    }
+    earlier
+}
+
 async fn udp_reader(
     listener: usize,
     sock: Arc<UdpSocket>,
@@ -1039,7 +1063,7 @@ async fn udp_reader(
     loop {
         let received = tokio::select! {
             () = shutdown.cancelled() => return,
-            r = sock.recv_from(&mut buf) => r,
+            r = recv_datagram(&sock, &mut buf) => r,
         };
         match received {
             Ok((n, from)) => {
@@ -1067,6 +1091,21 @@ async fn udp_reader(
             }
             // ICMP port unreachable and the like surface here on some platforms: keep going.
             Err(error) => debug!(%error, "UDP receive error"),
+        }
+    }
+}
+
+/// The next datagram on `sock`. Waits for readable readiness only: tokio's
+/// `UdpSocket::recv_from` also wakes on error readiness and clears it when the read then
+/// finds nothing, which races [`udp_errors`] for the same readiness: an ICMP error left in
+/// the error queue was then not read until the next one arrived, and the call it was for
+/// waited for Timer B.
+async fn recv_datagram(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+    loop {
+        sock.readable().await?;
+        match sock.try_recv_from(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            received => return received,
         }
     }
 }
@@ -1370,4 +1409,92 @@ where
         debug!(conn = id, "connection closed");
     });
     id
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    /// A port nobody listens on (it was bound a moment ago and released).
+    fn closed_udp_port() -> SocketAddr {
+        StdUdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_icmp_port_unreachable_becomes_a_transport_error() {
+        let sock = Arc::new(
+            UdpSocket::from_std(bind_udp("127.0.0.1:0".parse().unwrap()).unwrap()).unwrap(),
+        );
+        let (tx, mut rx) = mpsc::channel(16);
+        let stats = Arc::new(ShellStats::default());
+        let stop = CancellationToken::new();
+        tokio::spawn(udp_errors(
+            Arc::clone(&sock),
+            tx.clone(),
+            Arc::clone(&stats),
+            stop.child_token(),
+        ));
+        tokio::spawn(udp_reader(0, Arc::clone(&sock), tx, stop.child_token()));
+        for i in 0..100 {
+            let closed = closed_udp_port();
+            let _ = sock.send_to(b"INVITE", closed).await;
+            let ev = tokio::time::timeout(Duration::from_secs(1), rx.recv()).await;
+            match ev {
+                Ok(Some(Event::TransportError { transport, to })) => {
+                    assert_eq!((transport, to), (Transport::Udp, closed), "datagram {i}");
+                }
+                Ok(Some(_)) => panic!("datagram {i}: another event"),
+                Ok(None) | Err(_) => panic!("datagram {i}: no transport error within 1 s"),
+            }
+        }
+        assert_eq!(stats.icmp_errors.load(Ordering::Relaxed), 100);
+        stop.cancel();
+    }
+
+    fn udp(to: SocketAddr, bytes: Bytes) -> Transmit {
+        Transmit {
+            transport: Transport::Udp,
+            to,
+            conn: None,
+            listener: 0,
+            bytes,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_send_right_after_an_icmp_error_still_goes_out() {
+        // Nothing reads the error queue here, so the ICMP error of each datagram to the
+        // closed port is still pending on the socket when the next send is made.
+        let sock = Arc::new(
+            UdpSocket::from_std(bind_udp("127.0.0.1:0".parse().unwrap()).unwrap()).unwrap(),
+        );
+        let peer = StdUdpSocket::bind("127.0.0.1:0").unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let udp = HashMap::from([(0, Arc::clone(&sock))]);
+        let conns = Arc::new(Connections::default());
+        let (tx, _rx) = mpsc::channel(16);
+        let stream = StreamOptions {
+            max_message_bytes: 65_535,
+            idle: Duration::from_secs(60),
+        };
+        for i in 0..20 {
+            let closed = closed_udp_port();
+            transmit(&udp, &conns, None, &tx, udp_to(closed, "OPTIONS"), stream);
+            let text = format!("ping {i}");
+            let to_peer = udp_to(peer.local_addr().unwrap(), &text);
+            transmit(&udp, &conns, None, &tx, to_peer, stream);
+            let mut buf = [0u8; 64];
+            let (n, _) = peer
+                .recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("datagram {i} never arrived: {e}"));
+            assert_eq!(&buf[..n], text.as_bytes());
+        }
+    }
+
+    fn udp_to(to: SocketAddr, text: &str) -> Transmit {
+        udp(to, Bytes::copy_from_slice(text.as_bytes()))
+    }
 }
