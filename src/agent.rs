@@ -136,6 +136,12 @@ impl Agents {
             } else {
                 user.split(';').next().unwrap_or(user)
             };
+            // Fast path: carriers usually send the number exactly as configured (E.164),
+            // and normalising is idempotent on its own output, so an exact match is the
+            // answer the slow path would give, without running phonenumber's regexes.
+            if let Some(&index) = self.by_number.get(user) {
+                return Some(index);
+            }
             let is_international = user.trim_start().starts_with('+');
             for &region in &self.regions {
                 let number = normalise_lenient(user, region)?;
@@ -581,5 +587,52 @@ mod tests {
         let routing = agents.route(0, &input(&c, "hit"));
         assert_eq!(routing.decision.unwrap().label, "ok");
         assert_eq!(routing.errors.len(), 1);
+    }
+}
+
+#[cfg(test)]
+mod fast_path_tests {
+    use crate::config::Config;
+    use crate::number::normalise;
+
+    /// The exact-match fast path in `for_called` relies on normalisation being idempotent
+    /// on the numbers a config stores.
+    #[test]
+    fn normalising_a_stored_number_gives_it_back() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/examples/seed.toml"
+        ))
+        .unwrap();
+        let cfg = Config::from_toml_str(&text).unwrap();
+        let mut numbers: Vec<(String, phonenumber::country::Id)> = cfg
+            .agents
+            .iter()
+            .flat_map(|a| a.numbers.iter().map(move |n| (n.clone(), a.default_region)))
+            .collect();
+        for raw in [
+            "+44 20 7946 0958",
+            "+1 (415) 555-0123",
+            "+33 1 23 45 67 89",
+            "+15550100",
+            "+999123456",
+        ] {
+            numbers.push((
+                normalise(raw, phonenumber::country::Id::US).unwrap().0,
+                phonenumber::country::Id::US,
+            ));
+        }
+        for (n, region) in numbers {
+            assert_eq!(
+                normalise(&n, region).unwrap().0,
+                n,
+                "not idempotent for {n}"
+            );
+            assert_eq!(
+                normalise(&n, phonenumber::country::Id::GB).unwrap().0,
+                n,
+                "region-independent for {n}"
+            );
+        }
     }
 }
