@@ -222,8 +222,7 @@ pub fn is_trusted(config: &Config, ip: IpAddr) -> bool {
 mod tests {
     use super::*;
     use crate::config::{
-        HttpConfig, InjectConfig, ListenAddr, SipConfig, StoreBackend, StoreConfig, Transport,
-        Upstream,
+        HttpConfig, InjectConfig, ListenAddr, SipConfig, StoreConfig, Transport, Upstream,
     };
     use serde_json::{json, Map, Value};
     use std::net::SocketAddr;
@@ -261,26 +260,13 @@ mod tests {
                 }],
                 trusted_peers: vec!["10.0.0.0/8".parse().unwrap()],
                 default_agent: default_agent.map(str::to_string),
-                caller_sources: vec![CallerSource::Pai, CallerSource::From],
-                record_route: true,
-                t1: Duration::from_millis(500),
-                max_message_bytes: 65535,
-                drain: Duration::from_secs(30),
                 ..SipConfig::default()
             },
             http: HttpConfig {
-                listen: "127.0.0.1:8080".parse().unwrap(),
-                max_body_bytes: 16384,
-                client_concurrency: 256,
                 rate_limit: None,
                 ..HttpConfig::default()
             },
-            store: StoreConfig {
-                backend: StoreBackend::Memory,
-                ttl: Duration::from_secs(300),
-                consume: true,
-                max_contexts: 1_000_000,
-            },
+            store: StoreConfig::default(),
             agents,
         })
     }

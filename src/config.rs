@@ -347,6 +347,18 @@ pub struct StoreConfig {
     pub max_contexts: usize,
 }
 
+impl Default for StoreConfig {
+    /// The defaults of an empty `[store]` table: the memory backend.
+    fn default() -> Self {
+        StoreConfig {
+            backend: StoreBackend::Memory,
+            ttl: Duration::from_secs(300),
+            consume: true,
+            max_contexts: 1_000_000,
+        }
+    }
+}
+
 /// Where an agent's calls go: parsed from `sip:HOST:PORT;transport=udp|tcp`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {

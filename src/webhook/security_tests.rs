@@ -57,17 +57,11 @@ fn state(rate: Option<Rate>, max_contexts: usize) -> AppState {
             listen: Vec::new(),
             trusted_peers: Vec::new(),
             default_agent: None,
-            caller_sources: vec![CallerSource::Pai, CallerSource::From],
-            record_route: true,
-            t1: Duration::from_millis(500),
-            max_message_bytes: 65535,
-            drain: Duration::from_secs(30),
             ..SipConfig::default()
         },
         http: HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             max_body_bytes: 4096,
-            client_concurrency: 256,
             rate_limit: rate,
             ..HttpConfig::default()
         },

@@ -17,7 +17,7 @@ use super::{router, AppState};
 use crate::agent::Agents;
 use crate::config::{
     AgentConfig, CallerSource, Config, HttpConfig, InjectConfig, InjectMode, RouteConfig,
-    RouteTarget, SipConfig, StoreBackend, StoreConfig, Transport, Upstream,
+    RouteTarget, SipConfig, StoreConfig, Transport, Upstream,
 };
 use crate::number::E164;
 use crate::store::memory::MemoryStore;
@@ -59,26 +59,15 @@ fn config() -> Config {
             listen: Vec::new(),
             trusted_peers: Vec::new(),
             default_agent: Some("support-agent".to_string()),
-            caller_sources: vec![CallerSource::Pai, CallerSource::From],
-            record_route: true,
-            t1: Duration::from_millis(500),
-            max_message_bytes: 65535,
-            drain: Duration::from_secs(30),
             ..SipConfig::default()
         },
         http: HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             max_body_bytes: MAX_BODY,
-            client_concurrency: 256,
             rate_limit: None,
             ..HttpConfig::default()
         },
-        store: StoreConfig {
-            backend: StoreBackend::Memory,
-            ttl: Duration::from_secs(300),
-            consume: true,
-            max_contexts: 1_000_000,
-        },
+        store: StoreConfig::default(),
         agents: vec![
             agent(
                 "support-agent",

@@ -11,7 +11,7 @@ use super::*;
 use crate::agent::Agents;
 use crate::config::{
     AgentConfig, CallerSource, Config, HttpConfig, InjectConfig, ListenAddr, SipConfig,
-    StoreBackend, StoreConfig, Transport, Upstream,
+    StoreConfig, Transport, Upstream,
 };
 use crate::sip::parse::parse_datagram;
 
@@ -58,26 +58,13 @@ fn config() -> Config {
             ],
             trusted_peers: vec!["127.0.0.0/8".parse().unwrap()],
             default_agent: None,
-            caller_sources: vec![CallerSource::Pai, CallerSource::From],
-            record_route: true,
-            t1: Duration::from_millis(500),
-            max_message_bytes: 65535,
-            drain: Duration::from_secs(30),
             ..SipConfig::default()
         },
         http: HttpConfig {
-            listen: "127.0.0.1:8080".parse().unwrap(),
-            max_body_bytes: 16384,
-            client_concurrency: 256,
             rate_limit: None,
             ..HttpConfig::default()
         },
-        store: StoreConfig {
-            backend: StoreBackend::Memory,
-            ttl: Duration::from_secs(300),
-            consume: true,
-            max_contexts: 1_000_000,
-        },
+        store: StoreConfig::default(),
         agents: vec![
             agent(
                 "support-agent",

@@ -13,7 +13,7 @@ use serde_json::{json, Map, Value};
 use crate::agent::Agents;
 use crate::config::{
     AgentConfig, CallerSource, Config, HttpConfig, InjectConfig, ListenAddr, Rate, SipConfig,
-    SipLimits, StoreBackend, StoreConfig, Transport, Upstream,
+    SipLimits, StoreConfig, Transport, Upstream,
 };
 use crate::inject::{self, Status};
 use crate::sip::message::{HeaderName, Message};
@@ -63,27 +63,14 @@ fn proxy_with(tweak: impl FnOnce(&mut SipLimits)) -> Proxy {
             }],
             trusted_peers: vec!["127.0.0.0/8".parse().unwrap()],
             default_agent: None,
-            caller_sources: vec![CallerSource::Pai, CallerSource::From],
-            record_route: true,
-            t1: Duration::from_millis(500),
-            max_message_bytes: 65535,
-            drain: Duration::from_secs(30),
             limits,
             ..SipConfig::default()
         },
         http: HttpConfig {
-            listen: "127.0.0.1:8080".parse().unwrap(),
-            max_body_bytes: 16384,
-            client_concurrency: 256,
             rate_limit: None,
             ..HttpConfig::default()
         },
-        store: StoreConfig {
-            backend: StoreBackend::Memory,
-            ttl: Duration::from_secs(300),
-            consume: true,
-            max_contexts: 1_000_000,
-        },
+        store: StoreConfig::default(),
         agents: vec![agent()],
     };
     let listeners = vec![Listener {
